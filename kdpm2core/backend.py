@@ -1,0 +1,162 @@
+"""What a backend is: one small Protocol, and a base class whose defaults use only the Array API.
+
+An adapter subclasses :class:`ArrayAPIBackend`, passes its array-api-compat namespace and overrides only what
+its framework does better (device parsing, random numbers, a fused update kernel, a compiled loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "ArrayAPIBackend"]
+
+Array = Any
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface the scheduler needs from an array library."""
+
+    name: str  #: registered name, e.g. ``"torch"``
+    xp: Any  #: the array-api-compat namespace of the library
+    float64: bool  #: whether float64 arrays are supported (JAX: only with ``jax_enable_x64``)
+    inplace: bool  #: whether arrays can be written in place (False for JAX)
+    jit: bool  #: whether :meth:`loop` compiles the whole loop
+
+    def owns(self, x: Array) -> bool:
+        """True when ``x`` is an array of this backend (checked without importing anything)."""
+
+    def device(self, spec: Any) -> Any:
+        """Parse a device given as None, a string such as ``"cuda:0"``, or a device object."""
+
+    def devices(self) -> list[str]:
+        """Names of the devices this backend can place arrays on."""
+
+    def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> Array:
+        """Convert host data (NumPy arrays, Python scalars) to an array of this backend."""
+
+    def dtype(self, name: str) -> Any:
+        """The dtype object called ``name`` (``"float32"``, ``"bfloat16"``, ...)."""
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """A host NumPy copy of ``x``."""
+
+    def synchronize(self, x: Array | None = None) -> None:
+        """Wait until pending work (on ``x``'s device) is done; for benchmarks."""
+
+    def rng(self, seed: int) -> Any:
+        """A random generator state seeded with ``seed``."""
+
+    def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
+        """Standard normal samples and the advanced generator state."""
+
+    def update(self, a, b, c, p, q, stored, sample, model_output) -> tuple[Array, Array]:
+        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output, p*sample + q*model_output)``."""
+
+    def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+        """``for i in range(n): carry = body(i, carry)``, compiled where the backend can."""
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+class ArrayAPIBackend:
+    """Defaults written against the Array API standard; adapters override what their framework does better."""
+
+    float64 = True
+    inplace = True
+    jit = False
+
+    def __init__(self, name: str, xp: Any):
+        self.name = name
+        self.xp = xp
+
+    def __repr__(self) -> str:
+        return f"<kdpm2 backend {self.name!r}>"
+
+    # -- arrays and devices ---------------------------------------------------------------------------------
+    def owns(self, x: Array) -> bool:
+        import array_api_compat
+
+        try:
+            return array_api_compat.array_namespace(x) is self.xp
+        except TypeError:
+            return False
+
+    def device(self, spec: Any) -> Any:
+        if spec is None or spec == "cpu":
+            return None
+        raise ValueError(f"device {spec!r} is not available on backend {self.name!r}; it has {self.devices()}")
+
+    def devices(self) -> list[str]:
+        return ["cpu"]
+
+    def device_of(self, x: Array) -> Any:
+        import array_api_compat
+
+        return array_api_compat.device(x)
+
+    def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> Array:
+        if device is None:
+            return self.xp.asarray(obj, dtype=dtype)
+        return self.xp.asarray(obj, dtype=dtype, device=device)
+
+    def dtype(self, name: str) -> Any:
+        try:
+            return getattr(self.xp, name)
+        except AttributeError:
+            raise TypeError(f"dtype {name!r} is not supported by backend {self.name!r}") from None
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def synchronize(self, x: Array | None = None) -> None:
+        return None
+
+    # -- random numbers (the Array API has none): NumPy's generator, moved to the backend ------------------------
+    def rng(self, seed: int) -> Any:
+        return np.random.default_rng(seed)
+
+    def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
+        return self.asarray(rng.standard_normal(shape), dtype=dtype, device=device), rng
+
+    # -- the substep ------------------------------------------------------------------------------------------
+    def lincomb(self, terms: Sequence[tuple[Any, Array]]) -> Array:
+        """``sum(coef * x for coef, x in terms)`` as a fresh array.
+
+        Python-float coefficients that are exactly 0 drop their term and exactly 1 skip the multiply; the
+        product terms come first so that, on backends with in-place updates, only the result is allocated.
+        """
+        if all(_is_scalar(coef) for coef, _ in terms):
+            terms = [(coef, x) for coef, x in terms if coef != 0]
+            terms.sort(key=lambda term: term[0] == 1)
+        result = None
+        for coef, x in terms:
+            if result is None:
+                result = x * coef
+            elif _is_scalar(coef) and coef == 1:
+                result = self._add(result, x)
+            else:
+                result = self._add(result, x * coef)
+        return result
+
+    def _add(self, result: Array, term: Array) -> Array:
+        if self.inplace:
+            result += term
+            return result
+        return result + term
+
+    def update(self, a, b, c, p, q, stored, sample, model_output) -> tuple[Array, Array]:
+        prev = self.lincomb(((a, stored), (b, sample), (c, model_output)))
+        pred = self.lincomb(((p, sample), (q, model_output)))
+        return prev, pred
+
+    # -- loops ------------------------------------------------------------------------------------------------
+    def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+        for i in range(n):
+            carry = body(i, carry)
+        return carry

@@ -1,0 +1,225 @@
+"""The noise schedule and the KDPM2 coefficient table, computed once on the host with NumPy.
+
+The training table (betas, alphas_cumprod and the sigmas they imply) is float32, built with the same
+arithmetic as diffusers, because it is part of how a model was trained: the betas equal diffusers' bit for
+bit and the sigmas to the last float32 ulp. Everything derived from it for sampling (spacing, sigma
+families, interpolated sigmas, timesteps, coefficients) is float64.
+
+A KDPM2 step from sigma ``s`` to ``s_next`` takes two substeps (one model call each): an Euler substep to
+the geometric mean ``mid = sqrt(s * s_next)``, then a midpoint substep from ``s`` to ``s_next`` using the
+derivative at ``mid`` (Algorithm 2 of Karras et al. 2022 with the DPM-Solver-2 midpoint). A step to 0 is a
+single Euler substep. Each substep is two linear combinations whose coefficients depend only on the sigmas,
+
+    prev_sample          = a * stored + b * sample + c * model_output
+    pred_original_sample = p * sample + q * model_output
+
+so they form a table with one row ``(a, b, c, p, q, first)`` per substep; ``first`` is 1 on the Euler
+substeps, whose ``sample`` the following midpoint substep needs as ``stored``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Schedule", "build_schedule", "substep_table", "training_table", "sigma_to_t", "COLUMNS"]
+
+COLUMNS = ("a", "b", "c", "p", "q", "first")
+
+
+class TrainingTable(NamedTuple):
+    betas: np.ndarray  # float32, as the model was trained
+    alphas_cumprod: np.ndarray  # float32
+    sigmas: np.ndarray  # float32, sqrt((1 - alphas_cumprod) / alphas_cumprod), increasing in t
+    log_sigmas: np.ndarray  # float32
+
+
+class Schedule(NamedTuple):
+    """Everything ``set_timesteps`` computes, on the host."""
+
+    timesteps: np.ndarray  # float64, one model timestep per substep
+    sigmas: np.ndarray  # float64 holding float32 values, diffusers' layout [s0, s1, s1, ..., sn, sn, sn]
+    sigma_in: np.ndarray  # float64, the sigma the model sees at each substep
+    table: np.ndarray  # float64, shape (substeps, 6), columns COLUMNS
+    init_noise_sigma: float
+
+
+def _linspace_float32(start: float, stop: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, stop, num, dtype=float32)``, bit for bit: a float32 step, each half of the
+    range counted from its own end, and a fused multiply-add (exact in float64, rounded once)."""
+    start32, stop32 = np.float32(start), np.float32(stop)
+    if num == 1:
+        return np.array([start32])
+    step = np.float32((stop32 - start32) / np.float32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    from_start = np.float64(start32) + np.float64(step) * i
+    from_stop = np.float64(stop32) - np.float64(step) * (num - 1 - i)
+    return np.where(i < num // 2, from_start, from_stop).astype(np.float32)
+
+
+def _squaredcos_cap_v2(num: int, max_beta: float = 0.999) -> np.ndarray:
+    """The cosine schedule of Nichol & Dhariwal (2021), computed in float64 and stored as float32."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num) / alpha_bar(i / num), max_beta) for i in range(num)]
+    return np.array(betas, dtype=np.float32)
+
+
+def training_table(
+    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas=None
+) -> TrainingTable:
+    """The training noise table; raises ValueError naming the parameter when the betas are unusable."""
+    if trained_betas is not None:
+        betas = np.asarray(trained_betas, dtype=np.float32)
+        name = "trained_betas"
+        if betas.ndim != 1 or betas.size < 1:
+            raise ValueError(f"trained_betas must be a non-empty 1-D sequence, got shape {betas.shape}")
+    elif beta_schedule == "linear":
+        betas, name = _linspace_float32(beta_start, beta_end, num_train_timesteps), "beta_start/beta_end"
+    elif beta_schedule == "scaled_linear":
+        betas = _linspace_float32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+        name = "beta_start/beta_end"
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas, name = _squaredcos_cap_v2(num_train_timesteps), "beta_schedule"
+    else:
+        raise ValueError(f"beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2; got {beta_schedule!r}")
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(f"{name} give betas outside (0, 1) or not finite (min {betas.min()}, max {betas.max()})")
+    # float32 products accumulated in float64, as torch.cumprod does on the CPU
+    alphas_cumprod = np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
+    sigmas = np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
+    if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
+        raise ValueError(f"{name} give a noise table that is not finite and positive (alphas_cumprod underflows)")
+    return TrainingTable(betas, alphas_cumprod, sigmas, np.log(sigmas))
+
+
+def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep whose sigma is ``sigma``: linear interpolation in log-sigma,
+    clamped to [0, len(log_sigmas) - 1]; sigma 0 maps to t 0."""
+    log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    log_low, log_high = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((log_low - log_sigma) / (log_low - log_high), 0.0, 1.0)
+    return (1.0 - w) * low + w * (low + 1)
+
+
+def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    """Decreasing float32 timesteps for ``num_steps`` steps (Table 2 of Lin et al. 2023)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, num_steps, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // num_steps
+        return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + np.float32(steps_offset)
+    if spacing == "trailing":
+        return np.arange(num_train, 0, -num_train / num_steps).round().astype(np.float32) - np.float32(1)
+    raise ValueError(f"timestep_spacing must be one of linspace, leading, trailing; got {spacing!r}")
+
+
+def _sigma_family(config: Mapping, sigmas: np.ndarray, num_steps: int) -> np.ndarray:
+    """Replace interpolated sigmas by the Karras, exponential or beta family over the same range."""
+    sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+    if config["use_karras_sigmas"]:
+        rho = 7.0
+        ramp = np.linspace(0, 1, num_steps)
+        return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if config["use_exponential_sigmas"]:
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+    if config["use_beta_sigmas"]:  # Lee et al. 2024, "Beta Sampling is All You Need", alpha = beta = 0.6
+        import scipy.stats
+
+        quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_steps), 0.6, 0.6)
+        return sigma_min + quantiles * (sigma_max - sigma_min)
+    return sigmas
+
+
+def substep_table(sigma_hat: np.ndarray, sigma_next: np.ndarray, prediction_type: str):
+    """Rows of the coefficient table for steps from ``sigma_hat[i]`` to ``sigma_next[i]`` (float64).
+
+    Returns ``(sigma_in, mid_or_none, table, step_of_row)``: the sigma the model sees at each substep, whether
+    the row is a midpoint substep, the ``(substeps, 6)`` table, and the step each row belongs to.
+    """
+    sigma_hat = np.asarray(sigma_hat, dtype=np.float64)
+    sigma_next = np.asarray(sigma_next, dtype=np.float64)
+    two = sigma_next > 0  # a step to 0 is a single Euler substep
+    step = np.repeat(np.arange(sigma_hat.size), np.where(two, 2, 1))
+    midpoint = np.zeros(step.size, dtype=bool)
+    midpoint[1:] = step[1:] == step[:-1]
+    hat, nxt = sigma_hat[step], sigma_next[step]
+    mid = np.sqrt(hat) * np.sqrt(nxt)  # geometric mean without log(0): 0 when the step ends at 0
+    sigma_in = np.where(midpoint, mid, hat)
+    dt = np.where(midpoint, nxt - hat, mid - hat)
+    a = midpoint.astype(np.float64)
+    base = 1.0 - a  # the Euler substep starts from ``sample``, the midpoint substep from ``stored``
+    if prediction_type == "epsilon":  # x0 = x - s * eps
+        p, q = np.ones_like(sigma_in), -sigma_in
+        b, c = base, dt
+    elif prediction_type == "v_prediction":  # x0 = x / (s^2 + 1) - s * v / sqrt(s^2 + 1)
+        p, q = 1.0 / (sigma_in**2 + 1.0), -sigma_in / np.sqrt(sigma_in**2 + 1.0)
+        b, c = base + dt * sigma_in / (sigma_in**2 + 1.0), dt / np.sqrt(sigma_in**2 + 1.0)
+    elif prediction_type == "sample":  # x0 = model_output
+        p, q = np.zeros_like(sigma_in), np.ones_like(sigma_in)
+        b, c = base + dt / sigma_in, -dt / sigma_in
+    else:
+        raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
+    first = (~midpoint).astype(np.float64)
+    table = np.stack([a, b, c, p, q, first], axis=1)
+    return sigma_in, midpoint, table, step
+
+
+def _check_custom_sigmas(sigmas) -> np.ndarray:
+    try:
+        values = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas must be a 1-D sequence of numbers, got {type(sigmas).__name__}") from None
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 values (start and end), got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("sigmas must be finite and non-negative")
+    if np.any(np.diff(values) >= 0):
+        raise ValueError("sigmas must be strictly decreasing")
+    return values
+
+
+def build_schedule(
+    config: Mapping, num_inference_steps: int | None = None, *, sigmas=None, num_train_timesteps: int | None = None
+) -> Schedule:
+    """The schedule ``set_timesteps`` installs, for a validated config (see :mod:`kdpm2core.config`)."""
+    train = training_table(
+        config["num_train_timesteps"],
+        config["beta_start"],
+        config["beta_end"],
+        config["beta_schedule"],
+        config["trained_betas"],
+    )
+    if sigmas is not None:  # k-diffusion style: the whole decreasing sequence, final sigma included
+        values = _check_custom_sigmas(sigmas).astype(np.float32).astype(np.float64)
+        step_sigmas, final = values[:-1], values[-1]
+        step_t = sigma_to_t(step_sigmas, train.log_sigmas)
+    else:
+        num_train = num_train_timesteps or config["num_train_timesteps"]
+        spaced = _spaced_timesteps(config["timestep_spacing"], num_inference_steps, num_train, config["steps_offset"])
+        interpolated = np.interp(spaced, np.arange(len(train.sigmas)), train.sigmas)
+        step_sigmas = _sigma_family(config, interpolated, num_inference_steps)
+        if step_sigmas is interpolated:
+            step_t = spaced.astype(np.float64)
+        else:
+            step_t = sigma_to_t(step_sigmas, train.log_sigmas)
+            if config["use_karras_sigmas"]:
+                step_t = np.round(step_t)
+        step_sigmas = step_sigmas.astype(np.float32).astype(np.float64)
+        final = 0.0
+    if not np.all(np.isfinite(step_sigmas)) or np.any(step_sigmas <= 0):
+        raise ValueError("the options give sigmas that are not finite and positive")
+
+    sigma_next = np.append(step_sigmas[1:], final)
+    sigma_in, midpoint, table, step = substep_table(step_sigmas, sigma_next, config["prediction_type"])
+    timesteps = np.where(midpoint, sigma_to_t(sigma_in, train.log_sigmas), step_t[step])
+    expanded = np.concatenate([step_sigmas[:1], np.repeat(sigma_next, 2), [final]])
+    top = float(expanded.max())
+    init = top if config["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(top * top + 1.0)
+    return Schedule(timesteps, expanded, sigma_in, table, init)

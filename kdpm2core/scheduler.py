@@ -1,0 +1,308 @@
+"""``KDPM2DiscreteScheduler``: the stateful, diffusers-compatible face of the sampler.
+
+Its attributes and semantics are diffusers': ``set_timesteps`` installs a schedule, and each ``step`` call
+advances ``step_index`` by one substep. Unlike diffusers, a step reads its row of the float64 coefficient
+table (:mod:`kdpm2core.schedule`) as Python floats: no device-side indexing and no host/device sync.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kdpm2core import config as _config
+from kdpm2core.plugins import get_backend
+from kdpm2core.schedule import build_schedule, training_table
+
+__all__ = ["KDPM2DiscreteScheduler", "KDPM2DiscreteSchedulerOutput"]
+
+VERSION = "0.1.0"
+
+
+class KDPM2DiscreteSchedulerOutput(NamedTuple):
+    """What :meth:`KDPM2DiscreteScheduler.step` returns (``out.prev_sample`` or ``out[0]``)."""
+
+    prev_sample: Any
+    pred_original_sample: Any
+
+
+class KDPM2DiscreteScheduler:
+    """The KDPM2 sampler (DPM-Solver-2 / Algorithm 2 of Karras et al. 2022) with diffusers' interface.
+
+    Args:
+        num_train_timesteps: Number of diffusion steps the model was trained with.
+        beta_start: First beta of the ``linear`` / ``scaled_linear`` schedules.
+        beta_end: Last beta of those schedules.
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"``.
+        trained_betas: Explicit betas, overriding ``beta_start``, ``beta_end`` and ``beta_schedule``.
+        use_karras_sigmas: Use the sigma sequence of Karras et al. (2022), rho = 7.
+        use_exponential_sigmas: Use sigmas evenly spaced in log-sigma.
+        use_beta_sigmas: Use the Beta(0.6, 0.6) quantile sigmas of Lee et al. (2024).
+        prediction_type: What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        timestep_spacing: ``"linspace"``, ``"leading"`` or ``"trailing"`` (Lin et al. 2023, Table 2).
+        steps_offset: Offset added to ``leading`` timesteps.
+        backend: Name of a registered backend (``None``: ``$KDPM2_BACKEND``, else ``"numpy"``). A runtime
+            choice, not part of the saved config.
+    """
+
+    order = 2
+    config_name = _config.CONFIG_NAME
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        *,
+        backend=None,
+    ):
+        options = {key: value for key, value in locals().items() if key in _config.DEFAULTS}
+        self._internal_dict = _config.FrozenConfig(_config.validate_config(options))
+        self._backend = get_backend(backend)
+        self._training = None
+        self.set_timesteps(self.config["num_train_timesteps"])
+
+    # -- configuration ----------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        """The options, read-only, by key or attribute. Pipelines may replace ``_internal_dict``; we follow."""
+        return self._internal_dict
+
+    @property
+    def backend(self):
+        """The backend object the scheduler computes with."""
+        return self._backend
+
+    def _options(self) -> dict:
+        return _config.validate_config(self.config)
+
+    @classmethod
+    def from_config(cls, config=None, *, backend=None, **overrides) -> KDPM2DiscreteScheduler:
+        """Build from a diffusers config (any diffusers scheduler's), with keyword overrides."""
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict (a scheduler's .config), got {type(config).__name__}")
+        known, _ = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
+        return cls(**known, backend=backend)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, subfolder: str | None = None, *, backend=None, **overrides
+    ) -> KDPM2DiscreteScheduler:
+        """Read ``scheduler_config.json`` from a local directory (as saved by diffusers or :meth:`save_config`)."""
+        path = Path(pretrained_model_name_or_path)
+        if subfolder:
+            path = path / subfolder
+        if path.is_dir():
+            path = path / cls.config_name
+        return cls.from_config(_config.load_config_file(path), backend=backend, **overrides)
+
+    def save_config(self, save_directory: str | os.PathLike, **_ignored) -> Path:
+        """Write a diffusers-format ``scheduler_config.json`` into ``save_directory``; returns its path."""
+        import json
+
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / self.config_name
+        text = json.dumps(_config.to_json_dict(self._options(), VERSION), indent=2, sort_keys=True) + "\n"
+        target.write_text(text, encoding="utf-8")
+        return target
+
+    save_pretrained = save_config
+
+    # -- the training table -----------------------------------------------------------------------------------
+    def _training_table(self):
+        options = self._options()
+        key = tuple(options[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"))
+        if self._training is None or self._training[0] != key:
+            self._training = (key, training_table(*key))
+        return self._training[1]
+
+    @property
+    def betas(self):
+        """The training betas (float32, equal to diffusers' bit for bit)."""
+        return self._backend.asarray(self._training_table().betas)
+
+    @property
+    def alphas_cumprod(self):
+        """Cumulative products of ``1 - betas`` (float32)."""
+        return self._backend.asarray(self._training_table().alphas_cumprod)
+
+    def __len__(self) -> int:
+        return self.config["num_train_timesteps"]
+
+    # -- the schedule -----------------------------------------------------------------------------------------
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device=None,
+        num_train_timesteps: int | None = None,
+        *,
+        sigmas=None,
+    ) -> None:
+        """Install the schedule for ``num_inference_steps`` steps, or for custom decreasing ``sigmas``.
+
+        ``sigmas`` is k-diffusion style: the whole sequence including the final sigma (usually 0), one step
+        per consecutive pair. ``timesteps`` and ``sigmas`` are then backend arrays on ``device``.
+        """
+        if (num_inference_steps is None) == (sigmas is None):
+            raise ValueError("pass exactly one of num_inference_steps and sigmas")
+        if num_inference_steps is not None:
+            num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
+        if num_train_timesteps is not None:
+            num_train_timesteps = _positive_int("num_train_timesteps", num_train_timesteps)
+        if sigmas is not None and not isinstance(sigmas, (list, tuple, np.ndarray)):
+            sigmas = self._backend.to_numpy(sigmas) if self._backend.owns(sigmas) else sigmas
+        host = build_schedule(self._options(), num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps)
+        backend = self._backend
+        placed = backend.device(device)
+        self.num_inference_steps = num_inference_steps if sigmas is None else (len(host.sigmas) - 2) // 2
+        self._host = host
+        self._rows = [tuple(row) for row in host.table.tolist()]
+        self._input_scale = (1.0 / np.sqrt(host.sigma_in**2 + 1.0)).tolist()
+        self._host_timesteps = host.timesteps.astype(np.float32)
+        self.timesteps = backend.asarray(self._host_timesteps, device=placed)
+        self.sigmas = backend.asarray(host.sigmas.astype(np.float32), device=placed)
+        self._init_noise_sigma = host.init_noise_sigma
+        self._step_index = None
+        self._begin_index = None
+        self._stored = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the initial noise."""
+        return self._init_noise_sigma
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next substep; advances by one on each ``step``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first substep, when a pipeline set it with :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at substep ``begin_index`` (img2img and inpainting start mid-schedule)."""
+        begin_index = operator.index(begin_index)
+        if not 0 <= begin_index < len(self._rows):
+            raise ValueError(f"begin_index must be in [0, {len(self._rows) - 1}], got {begin_index}")
+        self._begin_index = begin_index
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True before an Euler substep, False when a midpoint substep is due."""
+        return self._stored is None
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """Position of ``timestep`` in the schedule; with duplicates the second one, as diffusers does, so that
+        starting mid-schedule never skips a sigma."""
+        schedule = self._host_timesteps if schedule_timesteps is None else self._host_array(schedule_timesteps)
+        value = self._host_array(timestep)
+        if value.size != 1:
+            raise ValueError(f"timestep must be a single value, got shape {value.shape}")
+        matches = np.flatnonzero(schedule == value.astype(schedule.dtype).reshape(()))
+        if matches.size == 0:
+            raise ValueError(f"timestep {value.item()!r} is not in the schedule; use a value from scheduler.timesteps")
+        return int(matches[1 if matches.size > 1 else 0])
+
+    def _host_array(self, value) -> np.ndarray:
+        if self._backend.owns(value):
+            return np.asarray(self._backend.to_numpy(value))
+        try:
+            return np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"timestep must be a number or an array, got {type(value).__name__}") from None
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _current_row(self, timestep) -> int:
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self._rows):
+            raise ValueError(
+                f"step_index {self._step_index} is past the end of the schedule ({len(self._rows)} substeps); "
+                "call set_timesteps again before sampling again"
+            )
+        return self._step_index
+
+    def _check_array(self, name: str, x) -> None:
+        if not self._backend.owns(x):
+            raise TypeError(f"{name} must be an array of backend {self._backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def scale_model_input(self, sample, timestep):
+        """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
+        self._check_array("sample", sample)
+        return sample * self._input_scale[self._current_row(timestep)]
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
+        ``return_dict`` is true. Inputs are never modified."""
+        self._check_array("sample", sample)
+        self._check_array("model_output", model_output)
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
+        k = self._current_row(timestep)
+        a, b, c, p, q, first = self._rows[k]
+        if a and self._stored is None:
+            raise ValueError(f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index")
+        prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
+        self._stored = sample if first else None
+        self._step_index = k + 1
+        if not return_dict:
+            return prev, pred
+        return KDPM2DiscreteSchedulerOutput(prev, pred)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """``original_samples + noise * sigma(timesteps)`` (training, img2img and inpainting)."""
+        self._check_array("original_samples", original_samples)
+        self._check_array("noise", noise)
+        if self._begin_index is None:  # training, or a pipeline that never called set_begin_index
+            values = self._host_array(timesteps).reshape(-1)
+            indices = [self.index_for_timestep(t, self._host_timesteps) for t in values]
+        else:  # img2img before the first step, inpainting after it
+            count = int(np.prod(getattr(timesteps, "shape", np.shape(timesteps))))
+            index = self._begin_index if self._step_index is None else self._step_index
+            indices = [index] * count
+        sigmas = self._host.sigmas[indices].astype(np.float32)
+        if np.all(sigmas == sigmas[0]):
+            return original_samples + noise * float(sigmas[0])
+        xp = self._backend.xp
+        shape = (len(indices),) + (1,) * (original_samples.ndim - 1)
+        sigma = self._backend.asarray(sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples))
+        return original_samples + noise * xp.astype(sigma, original_samples.dtype)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if _config.DEFAULTS.get(k, object()) != v)
+        return f"{type(self).__name__}({options}{', ' if options else ''}backend={self._backend.name!r})"
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}") from None
+    if isinstance(value, bool) or number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
