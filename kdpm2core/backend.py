@@ -47,17 +47,24 @@ class Backend(Protocol):
     def synchronize(self, x: Array | None = None) -> None:
         """Wait until pending work (on ``x``'s device) is done; for benchmarks."""
 
-    def rng(self, seed: int) -> Any:
-        """A random generator state seeded with ``seed``."""
+    def rng(self, seed: int, device: Any = None) -> Any:
+        """A random generator state seeded with ``seed`` (``device``: where it draws, if that matters)."""
 
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
         """Standard normal samples and the advanced generator state."""
 
-    def update(self, a, b, c, p, q, stored, sample, model_output) -> tuple[Array, Array]:
-        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output, p*sample + q*model_output)``."""
+    def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
+        """One KDPM2 substep: ``(b*sample + c*model_output + a*stored, p*sample + q*model_output)``.
+
+        Coefficients are Python floats (the stateful scheduler) or 0-d arrays (the functional API); ``out``
+        is an optional pair of caller buffers for the two results.
+        """
 
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
         """``for i in range(n): carry = body(i, carry)``, compiled where the backend can."""
+
+    def compiling(self) -> bool:
+        """True while a graph compiler traces the caller (``torch.compile``); Python values are then frozen."""
 
 
 def _is_scalar(value) -> bool:
@@ -118,7 +125,7 @@ class ArrayAPIBackend:
         return None
 
     # -- random numbers (the Array API has none): NumPy's generator, moved to the backend ------------------------
-    def rng(self, seed: int) -> Any:
+    def rng(self, seed: int, device: Any = None) -> Any:
         return np.random.default_rng(seed)
 
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
@@ -150,13 +157,77 @@ class ArrayAPIBackend:
             return result
         return result + term
 
-    def update(self, a, b, c, p, q, stored, sample, model_output) -> tuple[Array, Array]:
-        prev = self.lincomb(((a, stored), (b, sample), (c, model_output)))
+    def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
+        """Both combinations of a substep; see :class:`Backend`.
+
+        The terms are summed in one fixed order, ``(b*sample + c*model_output) + a*stored``, each product
+        rounded once. Python-float coefficients 0 and 1 skip work, which is exact (``x*1 == x``,
+        ``y + 0*x == y``), so Python-float rows (stateful scheduler) and 0-d array rows (functional API)
+        give bit-identical results. NumPy-like namespaces (ufuncs with ``out=``) compute into the results
+        directly, chunk by chunk, so a step allocates its two outputs and at most one
+        :data:`CHUNK`-element scratch; with ``out`` buffers, only that scratch.
+        """
+        if _accepts_out(self.xp):
+            prev, pred = (self.xp.empty_like(sample), self.xp.empty_like(sample)) if out is None else out
+            _ufunc_combine(prev, ((b, sample), (c, model_output), (a, stored)))
+            _ufunc_combine(pred, ((p, sample), (q, model_output)))
+            return prev, pred
+        prev = self.lincomb(((b, sample), (c, model_output), (a, stored)))
         pred = self.lincomb(((p, sample), (q, model_output)))
-        return prev, pred
+        if out is None:
+            return prev, pred
+        return _copy_into(self.xp, out[0], prev), _copy_into(self.xp, out[1], pred)
 
     # -- loops ------------------------------------------------------------------------------------------------
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
         for i in range(n):
             carry = body(i, carry)
         return carry
+
+    def compiling(self) -> bool:
+        return False
+
+
+#: elements per chunk of the NumPy update: five chunk-sized operands stay in a core's L2 cache
+CHUNK = 1 << 15
+
+
+def _accepts_out(xp) -> bool:
+    """Whether ``xp``'s arithmetic are NumPy ufuncs (they write into ``out=`` without temporaries)."""
+    return isinstance(getattr(xp, "multiply", None), np.ufunc) and isinstance(getattr(xp, "add", None), np.ufunc)
+
+
+def _copy_into(xp, buffer, value):
+    if not getattr(xp, "__name__", "").startswith("jax"):
+        buffer[...] = value
+        return buffer
+    return value  # immutable arrays (JAX) cannot be written into; the buffer is unused
+
+
+def _ufunc_combine(dst, terms) -> None:
+    """``dst[...] = sum(coef * x)`` in the order given, product by product, one chunk at a time."""
+    terms = [(coef, x) for coef, x in terms if not (_is_scalar(coef) and coef == 0)]
+    if not dst.flags.c_contiguous:
+        raise ValueError("out buffers must be C-contiguous arrays")
+    flat = dst.reshape(-1)  # a view, since ``dst`` is contiguous
+    operands = [(coef, np.ascontiguousarray(x).reshape(-1)) for coef, x in terms]
+    scratch = None
+    for start in range(0, max(flat.size, 1), CHUNK):
+        part = flat[start : start + CHUNK]
+        if not terms:
+            part[...] = 0
+        for i, (coef, x) in enumerate(operands):
+            x = x[start : start + CHUNK]
+            one = _is_scalar(coef) and coef == 1
+            if i == 0 and one:
+                np.copyto(part, x)
+            elif i == 0:
+                np.multiply(x, coef, out=part)
+            elif one:
+                np.add(part, x, out=part)
+            else:
+                if scratch is None:
+                    scratch = np.empty(min(CHUNK, flat.size), dtype=dst.dtype)
+                tmp = scratch[: part.size]
+                np.multiply(x, coef, out=tmp)
+                np.add(part, tmp, out=part)

@@ -96,16 +96,19 @@ def _load() -> _Registry:
         if wanted is not None and ep.name not in wanted:
             continue
         dist = ep.dist.name if ep.dist is not None else None
-        if manager.has_plugin(ep.name):
-            continue  # the same entry point seen twice (e.g. an editable and a regular install)
+        # another distribution may reuse an entry point name: load it under a distinct plugin name, so that
+        # a clash of backend names is reported below instead of one plugin silently shadowing the other
+        plugin = ep.name if not manager.has_plugin(ep.name) else f"{ep.name} ({dist})"
         try:
             module = ep.load()
-            manager.register(module, name=ep.name)
-        except Exception as exc:  # a stranger's plugin must not break us
-            failures.append(BackendEntry(ep.name, None, (), ep.name, dist, f"import failed: {exc!r}"))
+            if manager.is_registered(module):
+                continue  # the same plugin module reached through two entry points
+            manager.register(module, name=plugin)
+        except (Exception, SystemExit) as exc:  # a stranger's plugin must not break us, nor exit our process
+            failures.append(BackendEntry(ep.name, None, (), plugin, dist, f"import failed: {exc!r}"))
             _warn(f"kdpm2 plugin {ep.name!r} from {dist!r} failed to load and was skipped: {exc!r}")
             continue
-        distributions[ep.name] = dist
+        distributions[plugin] = dist
 
     for impl in manager.hook.register_backends.get_hookimpls():
         plugin, dist = impl.plugin_name, distributions.get(impl.plugin_name)
@@ -174,9 +177,9 @@ def get_backend(name: str | None = None):
     entry = reg.entries.get(name)
     if entry is None:
         raise BackendError(f"unknown backend {name!r}; available backends: {', '.join(available_backends()) or 'none'}")
-    if entry.error is not None:
-        raise BackendError(entry.error)
-    with _lock:
+    with _lock:  # the error check too: another thread may have just failed to build this backend
+        if entry.error is not None:
+            raise BackendError(entry.error)
         if entry.instance is None:
             missing = [module for module in entry.requires if not _findable(module)]
             if missing:
@@ -184,18 +187,31 @@ def get_backend(name: str | None = None):
                     f"backend {name!r} needs {', '.join(missing)}, which is not installed; "
                     f"available backends: {', '.join(available_backends()) or 'none'}"
                 )
+            source = f"plugin {entry.plugin!r}, distribution {entry.distribution!r}"
             try:
                 backend = entry.factory()
-            except Exception as exc:
-                raise BackendError(f"backend {name!r} (plugin {entry.plugin!r}) failed to load: {exc!r}") from exc
-            problems = [attr for attr in ("name", "xp") if not hasattr(backend, attr)]
+            except (Exception, SystemExit) as exc:
+                raise _broken(entry, f"backend {name!r} ({source}) failed to load: {exc!r}") from exc
+            problems = [attr for attr in _REQUIRED_ATTRIBUTES if not hasattr(backend, attr)]
             if problems or getattr(backend, "name", None) != name:
-                raise BackendError(
-                    f"backend {name!r} from plugin {entry.plugin!r} is malformed: "
-                    + (f"missing {', '.join(problems)}" if problems else f"its .name is {backend.name!r}")
+                raise _broken(
+                    entry,
+                    f"backend {name!r} ({source}) is malformed: "
+                    + (f"missing {', '.join(problems)}" if problems else f"its .name is {backend.name!r}"),
                 )
             entry.instance = backend
         return entry.instance
+
+
+# what the scheduler calls on every backend; the factory's object is checked for these before first use
+_REQUIRED_ATTRIBUTES = ("name", "xp", "owns", "asarray", "to_numpy", "update")
+
+
+def _broken(entry: BackendEntry, message: str) -> BackendError:
+    """Mark ``entry`` failed (its report row says why; later lookups fail fast), warn, return the error."""
+    entry.error = message
+    _warn(message)
+    return BackendError(message)
 
 
 def backend_report() -> list[dict]:

@@ -102,9 +102,14 @@ def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     """The fractional training timestep whose sigma is ``sigma``: linear interpolation in log-sigma,
     clamped to [0, len(log_sigmas) - 1]; sigma 0 maps to t 0."""
     log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
+    if len(log_sigmas) < 2:  # one training timestep: there is nothing to interpolate, every sigma is t = 0
+        return np.zeros_like(log_sigma)
     low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
     log_low, log_high = log_sigmas[low], log_sigmas[low + 1]
-    w = np.clip((log_low - log_sigma) / (log_low - log_high), 0.0, 1.0)
+    width = np.asarray(log_low - log_high, dtype=np.float64)
+    # equal neighbours (betas so small that float32 alphas_cumprod repeats) would give 0/0: take the lower t
+    w = np.divide(log_low - log_sigma, width, out=np.zeros_like(log_sigma), where=width != 0)
+    w = np.clip(w, 0.0, 1.0)
     return (1.0 - w) * low + w * (low + 1)
 
 
@@ -116,7 +121,11 @@ def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset
         ratio = num_train // num_steps
         return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + np.float32(steps_offset)
     if spacing == "trailing":
-        return np.arange(num_train, 0, -num_train / num_steps).round().astype(np.float32) - np.float32(1)
+        # the first num_steps values of diffusers' float arange, which can yield one more, ending at t = -1
+        # (e.g. 61 of 1000 steps); NumPy's arange computes start + i * ((start + step) - start)
+        delta = (num_train - num_train / num_steps) - num_train
+        trailing = num_train + np.arange(num_steps) * delta
+        return trailing.round().astype(np.float32) - np.float32(1)
     raise ValueError(f"timestep_spacing must be one of linspace, leading, trailing; got {spacing!r}")
 
 

@@ -7,6 +7,7 @@ table (:mod:`kdpm2core.schedule`) as Python floats: no device-side indexing and 
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import build_schedule, training_table
 
 __all__ = ["KDPM2DiscreteScheduler", "KDPM2DiscreteSchedulerOutput"]
 
 VERSION = "0.1.0"
+STATE_FORMAT = "kdpm2.KDPM2DiscreteScheduler.state/1"
 
 
 class KDPM2DiscreteSchedulerOutput(NamedTuple):
@@ -47,6 +50,9 @@ class KDPM2DiscreteScheduler:
         steps_offset: Offset added to ``leading`` timesteps.
         backend: Name of a registered backend (``None``: ``$KDPM2_BACKEND``, else ``"numpy"``). A runtime
             choice, not part of the saved config.
+        check_finite: Opt-in check mode: :meth:`step` raises :class:`kdpm2core.errors.NonFiniteError`,
+            naming the substep and sigma, when an input or the result holds NaN or inf. Costs a host sync per
+            step; a runtime choice (also the attribute ``check_finite``), not part of the saved config.
     """
 
     order = 2
@@ -67,10 +73,14 @@ class KDPM2DiscreteScheduler:
         steps_offset: int = 0,
         *,
         backend=None,
+        check_finite: bool = False,
     ):
         options = {key: value for key, value in locals().items() if key in _config.DEFAULTS}
         self._internal_dict = _config.FrozenConfig(_config.validate_config(options))
         self._backend = get_backend(backend)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be True or False, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
         self._training = None
         self.set_timesteps(self.config["num_train_timesteps"])
 
@@ -89,14 +99,14 @@ class KDPM2DiscreteScheduler:
         return _config.validate_config(self.config)
 
     @classmethod
-    def from_config(cls, config=None, *, backend=None, **overrides) -> KDPM2DiscreteScheduler:
+    def from_config(cls, config=None, *, backend=None, check_finite: bool = False, **overrides) -> KDPM2DiscreteScheduler:
         """Build from a diffusers config (any diffusers scheduler's), with keyword overrides."""
         if config is None:
             config = {}
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (a scheduler's .config), got {type(config).__name__}")
         known, _ = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
-        return cls(**known, backend=backend)
+        return cls(**known, backend=backend, check_finite=check_finite)
 
     @classmethod
     def from_pretrained(
@@ -168,13 +178,26 @@ class KDPM2DiscreteScheduler:
             num_train_timesteps = _positive_int("num_train_timesteps", num_train_timesteps)
         if sigmas is not None and not isinstance(sigmas, (list, tuple, np.ndarray)):
             sigmas = self._backend.to_numpy(sigmas) if self._backend.owns(sigmas) else sigmas
-        host = build_schedule(self._options(), num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps)
+        options = self._options()
+        host = build_schedule(options, num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps)
+        # what built this schedule, so that state_dict() can rebuild it exactly in another process
+        self._schedule_options = options
+        self._schedule_request = {
+            "num_inference_steps": num_inference_steps,
+            "sigmas": None if sigmas is None else np.asarray(sigmas, dtype=np.float64).tolist(),
+            "num_train_timesteps": num_train_timesteps,
+        }
         backend = self._backend
         placed = backend.device(device)
         self.num_inference_steps = num_inference_steps if sigmas is None else (len(host.sigmas) - 2) // 2
         self._host = host
         self._rows = [tuple(row) for row in host.table.tolist()]
         self._input_scale = (1.0 / np.sqrt(host.sigma_in**2 + 1.0)).tolist()
+        # the same rows as one small float32 device array (float32: every device has it), read only while
+        # torch.compile traces us: indexing it with the step index keeps one graph for every step
+        self._device_rows = backend.asarray(
+            np.column_stack([host.table, self._input_scale]).astype(np.float32), device=placed
+        )
         self._host_timesteps = host.timesteps.astype(np.float32)
         self.timesteps = backend.asarray(self._host_timesteps, device=placed)
         self.sigmas = backend.asarray(host.sigmas.astype(np.float32), device=placed)
@@ -254,7 +277,8 @@ class KDPM2DiscreteScheduler:
     def scale_model_input(self, sample, timestep):
         """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
         self._check_array("sample", sample)
-        return sample * self._input_scale[self._current_row(timestep)]
+        k = self._current_row(timestep)
+        return sample * (self._device_rows[k][6] if self._backend.compiling() else self._input_scale[k])
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
@@ -264,15 +288,35 @@ class KDPM2DiscreteScheduler:
         if tuple(model_output.shape) != tuple(sample.shape):
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
         k = self._current_row(timestep)
-        a, b, c, p, q, first = self._rows[k]
-        if a and self._stored is None:
-            raise ValueError(f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index")
+        if self._backend.compiling():
+            # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
+            # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
+            # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
+            first = self._stored is None
+            row = self._device_rows[k]
+            a, b, c, p, q = (0.0 if first else 1.0), row[1], row[2], row[3], row[4]
+        else:
+            a, b, c, p, q, first = self._rows[k]
+            if a and self._stored is None:
+                raise ValueError(f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index")
+        if self.check_finite:
+            self._require_finite(k, model_output=model_output, sample=sample)
         prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
+        if self.check_finite:
+            self._require_finite(k, prev_sample=prev)
         self._stored = sample if first else None
         self._step_index = k + 1
         if not return_dict:
             return prev, pred
         return KDPM2DiscreteSchedulerOutput(prev, pred)
+
+    def _require_finite(self, k: int, **arrays) -> None:
+        xp = self._backend.xp
+        for name, x in arrays.items():
+            count = int(xp.sum(xp.astype(~xp.isfinite(x), xp.int32)))  # int32: JAX has no int64 by default
+            if count:
+                kind = "midpoint substep" if self._rows[k][0] else "Euler substep"
+                raise NonFiniteError(name, k, float(self._host.sigma_in[k]), count, kind)
 
     def add_noise(self, original_samples, noise, timesteps):
         """``original_samples + noise * sigma(timesteps)`` (training, img2img and inpainting)."""
@@ -293,9 +337,94 @@ class KDPM2DiscreteScheduler:
         sigma = self._backend.asarray(sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples))
         return original_samples + noise * xp.astype(sigma, original_samples.dtype)
 
+    # -- checkpoint and resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run elsewhere, also between an Euler and a midpoint substep.
+
+        Every value is plain JSON data except ``"stored"``: the sample of the last Euler substep (a backend
+        array, not copied) or None. :mod:`kdpm2core.checkpoint` writes it to disk without pickle. The config is
+        the one the current schedule was built with; ``schedule_sha256`` lets a loader prove it rebuilt the
+        same schedule (a different kdpm2 version might not).
+        """
+        return {
+            "format": STATE_FORMAT,
+            "config": _config.to_json_dict(self._schedule_options, VERSION),
+            "schedule": dict(self._schedule_request),
+            "schedule_sha256": self._schedule_digest(),
+            "step_index": self._step_index,
+            "begin_index": self._begin_index,
+            "stored": self._stored,
+        }
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Continue the run captured by :meth:`state_dict`: config, schedule, indices and stored sample.
+
+        The scheduler takes the saved config and rebuilds the schedule on ``device``; ``state["stored"]`` must
+        be an array of this scheduler's backend (or None). Everything is checked before anything changes:
+        a TypeError or ValueError names the offending entry.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        expected = {"format", "config", "schedule", "schedule_sha256", "step_index", "begin_index", "stored"}
+        if set(state) != expected:
+            raise ValueError(f"state has keys {sorted(state)}; expected {sorted(expected)}")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"state format is {state['format']!r}; this kdpm2 reads {STATE_FORMAT!r}")
+        config, schedule = state["config"], state["schedule"]
+        if not isinstance(config, dict):
+            raise TypeError(f"state['config'] must be a dict, got {type(config).__name__}")
+        extra = sorted(set(config) - set(_config.DEFAULTS) - {"_class_name", "_kdpm2_version"})
+        if extra:
+            raise ValueError(f"state['config'] has unknown keys {extra}")
+        if not isinstance(schedule, dict) or set(schedule) != {"num_inference_steps", "sigmas", "num_train_timesteps"}:
+            raise ValueError("state['schedule'] must be a dict with keys num_inference_steps, sigmas, num_train_timesteps")
+        sigmas = schedule["sigmas"]
+        if sigmas is not None and not (
+            isinstance(sigmas, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas)
+        ):
+            raise TypeError("state['schedule']['sigmas'] must be null or a list of numbers")
+        known = {key: value for key, value in config.items() if key in _config.DEFAULTS}
+        fresh = type(self)(**_config.validate_config(known), backend=self._backend, check_finite=self.check_finite)
+        fresh.set_timesteps(schedule["num_inference_steps"], device, schedule["num_train_timesteps"], sigmas=sigmas)
+        if state["schedule_sha256"] != fresh._schedule_digest():
+            raise ValueError(
+                f"the schedule rebuilt from this state differs from the saved one (saved by kdpm2 "
+                f"{config.get('_kdpm2_version')!r}, this is {VERSION}); the state was edited or is from another version"
+            )
+        count = len(fresh._rows)
+        step_index = _optional_index("step_index", state["step_index"], count)
+        begin_index = _optional_index("begin_index", state["begin_index"], count - 1)
+        stored = state["stored"]
+        after_euler = step_index is not None and step_index > 0 and fresh._rows[step_index - 1][5] == 1
+        if stored is not None:
+            fresh._check_array("state['stored']", stored)
+            if not after_euler:
+                raise ValueError(f"state['stored'] is set, but substep {step_index} does not follow an Euler substep")
+        elif after_euler and step_index < count and step_index != begin_index:
+            raise ValueError(f"substep {step_index} is a midpoint substep: the state must hold the stored sample")
+        fresh._step_index, fresh._begin_index, fresh._stored = step_index, begin_index, stored
+        self.__dict__.update(fresh.__dict__)  # all checks passed: take the new state at once
+
+    def _schedule_digest(self) -> str:
+        host = self._host
+        digest = hashlib.sha256()
+        for part in (host.table, host.timesteps, host.sigmas, host.sigma_in):
+            digest.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+        return digest.hexdigest()
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if _config.DEFAULTS.get(k, object()) != v)
         return f"{type(self).__name__}({options}{', ' if options else ''}backend={self._backend.name!r})"
+
+
+def _optional_index(name: str, value, maximum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"state[{name!r}] must be null or an integer, got {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"state[{name!r}] must be in [0, {maximum}], got {value}")
+    return value
 
 
 def _positive_int(name: str, value) -> int:

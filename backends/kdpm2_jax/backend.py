@@ -1,4 +1,8 @@
-"""JAX adapter: immutable arrays, ``jax.random`` keys, devices and a ``lax.fori_loop`` loop."""
+"""JAX adapter: immutable arrays, ``jax.random`` keys, devices and a ``lax.fori_loop`` loop.
+
+The substep update is the generic Array API one: under ``jax.jit`` XLA fuses each combination into one
+elementwise kernel, so there is nothing to hand-fuse here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdpm2core.backend import ArrayAPIBackend
+from kdpm2core.functional import PlanInfo
+
+# a plan's host-side facts carry no arrays: static, so that a Plan can be an argument of jax.jit or vmap
+jax.tree_util.register_static(PlanInfo)
 
 
 class JaxBackend(ArrayAPIBackend):
@@ -51,8 +59,9 @@ class JaxBackend(ArrayAPIBackend):
         else:
             jax.block_until_ready(x)
 
-    def rng(self, seed):
-        return jax.random.key(int(seed))
+    def rng(self, seed, device=None):
+        # a traced integer seed is fine too, so that ``vmap`` can map over seeds
+        return jax.random.key(seed if isinstance(seed, jax.Array) else int(seed))
 
     def normal(self, rng, shape, *, dtype, device=None):
         rng, key = jax.random.split(rng)

@@ -49,18 +49,60 @@ class TorchBackend(ArrayAPIBackend):
         sample = torch.randn(shape, generator=rng, dtype=torch.float32, device=rng.device)
         return sample.to(device=device, dtype=dtype), rng
 
-    def lincomb(self, terms):
-        # ``add(x, y, alpha=c)`` computes x + c*y in one kernel, so a combination with a coefficient-1 term
-        # (every epsilon substep) is one kernel, and any other is two.
-        if not all(isinstance(coef, (int, float)) for coef, _ in terms):
-            return super().lincomb(terms)
-        terms = sorted(((coef, x) for coef, x in terms if coef != 0), key=lambda term: term[0] != 1)
-        (coef, x), rest = terms[0], terms[1:]
-        if coef == 1 and rest:
-            (coef, y), rest = rest[0], rest[1:]
-            result = torch.add(x, y, alpha=coef)
+    def owns(self, x):
+        # a plain isinstance check: cheap, and traceable by torch.compile (array-api-compat's is not)
+        return isinstance(x, torch.Tensor)
+
+    def compiling(self):
+        return torch.compiler.is_compiling()
+
+    def update(self, a, b, c, p, q, stored, sample, model_output, out=None):
+        """Both combinations of a substep, with no temporaries.
+
+        Every term after the first is one fused multiply-add kernel (``add_(x, alpha=coef)`` for Python
+        floats, ``addcmul_(x, coef)`` for 0-d tensors; both round ``dst + coef*x`` once), in the fixed order
+        ``(b*sample + c*model_output) + a*stored``; Python-float 0 and 1 skip work exactly. So the stateful
+        scheduler (floats) and the functional API (0-d tensors) agree bit for bit, and a step allocates only
+        its two outputs, nothing when ``out`` buffers are given.
+
+        Large CPU arrays are processed in :data:`CHUNK`-element slices: both outputs of a slice are computed
+        while its inputs are in cache, so a substep reads each input from memory once (the memory floor)
+        instead of once per output. CUDA/MPS and compiled graphs get the whole arrays (the compiler fuses).
+        """
+        prev, pred = (torch.empty_like(sample), torch.empty_like(sample)) if out is None else out
+        operands = (sample, model_output, prev, pred) + ((stored,) if stored is not None else ())
+        n = sample.numel()
+        if n > CHUNK and sample.device.type == "cpu" and not self.compiling() and all(t.is_contiguous() for t in operands):
+            flat = [t.view(-1) if t is not None else None for t in (stored, sample, model_output, prev, pred)]
+            for start in range(0, n, CHUNK):
+                st, x, mo, prev_part, pred_part = (None if t is None else t[start : start + CHUNK] for t in flat)
+                _combine(prev_part, ((b, x), (c, mo), (a, st)))
+                _combine(pred_part, ((p, x), (q, mo)))
         else:
-            result = torch.mul(x, coef)
-        for coef, y in rest:
-            result.add_(y, alpha=coef)
-        return result
+            _combine(prev, ((b, sample), (c, model_output), (a, stored)))
+            _combine(pred, ((p, sample), (q, model_output)))
+        return prev, pred
+
+
+#: elements per slice of the chunked CPU update (measured on a 2-core Xeon with 2 MiB L2 per core: the five
+#: slice operands of 128 KiB each stay in L2 and Python overhead stays under 5 % at 16x4x256x256)
+CHUNK = 1 << 15
+
+
+def _combine(dst, terms):
+    """``dst[...] = sum(coef * x)`` in the order given, each product fused into the running sum."""
+    terms = [(coef, x) for coef, x in terms if not (isinstance(coef, (int, float)) and coef == 0)]
+    if not terms:
+        dst.zero_()
+        return
+    (coef, x), rest = terms[0], terms[1:]
+    if isinstance(coef, (int, float)) and coef == 1 and rest and isinstance(rest[0][0], (int, float)):
+        (coef, y), rest = rest[0], rest[1:]
+        torch.add(x, y, alpha=coef, out=dst)
+    else:
+        torch.mul(x, coef, out=dst)
+    for coef, y in rest:
+        if isinstance(coef, (int, float)):
+            dst.add_(y, alpha=coef)
+        else:
+            dst.addcmul_(y, coef)

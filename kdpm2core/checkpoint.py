@@ -1,0 +1,189 @@
+"""Checkpoints on disk without pickle: one JSON file plus one ``.npy`` file per array.
+
+A checkpoint holds a scheduler's :meth:`~kdpm2core.KDPM2DiscreteScheduler.state_dict` and any arrays of the
+caller's loop (the current latents, say), so that a run interrupted anywhere, also between an Euler and a
+midpoint substep, finishes bit-identical in another process::
+
+    save_checkpoint("ckpt", scheduler, sample=latents)
+    ...  # later, in a new process
+    scheduler, arrays = load_checkpoint("ckpt")
+    latents = arrays["sample"]
+
+Arrays are written with ``allow_pickle=False`` and read with NumPy's plain ``.npy`` reader, never ``np.load``
+(which would also open ``.npz`` archives). Dtypes NumPy lacks (``bfloat16``, float8) are stored widened to
+float32, which holds them exactly, and narrowed back on load. Every file carries a SHA-256 in the JSON, which
+is written last: a checkpoint torn by a crash while saving, or edited by hand, fails to load with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from kdpm2core import config as _config
+from kdpm2core.scheduler import KDPM2DiscreteScheduler
+
+__all__ = ["save_checkpoint", "load_checkpoint", "STATE_FILE", "CHECKPOINT_FORMAT"]
+
+STATE_FILE = "kdpm2_checkpoint.json"
+CHECKPOINT_FORMAT = "kdpm2.checkpoint/1"
+STORED = "_stored"  # file stem of the scheduler's stored sample; caller names cannot start with "_"
+_ARRAY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_DTYPES = frozenset(
+    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 bfloat16 float32 float64 complex64 complex128".split()
+)
+
+
+def save_checkpoint(directory: str | os.PathLike, scheduler: KDPM2DiscreteScheduler, **arrays) -> Path:
+    """Write ``scheduler``'s state and ``arrays`` (backend arrays, by name) into ``directory``; returns the
+    JSON file's path. Names are identifiers; a later save into the same directory replaces the checkpoint."""
+    directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"checkpoint directory {str(directory)!r} is a file")
+    backend = scheduler.backend
+    for name, x in arrays.items():
+        if not _ARRAY_NAME.match(name):
+            raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
+        if not backend.owns(x):
+            raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
+    state = scheduler.state_dict()
+    stored = state.pop("stored")
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = {name: _write_array(directory / f"{name}.npy", backend, x) for name, x in arrays.items()}
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "backend": backend.name,
+        "state": state,
+        "stored": None if stored is None else _write_array(directory / f"{STORED}.npy", backend, stored),
+        "arrays": entries,
+    }
+    target = directory / STATE_FILE
+    _replace(target, (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    return target
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, *, backend=None, device=None, scheduler_class=KDPM2DiscreteScheduler
+) -> tuple[KDPM2DiscreteScheduler, dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        directory: The checkpoint directory.
+        backend: Backend to resume on (default: the one that saved it).
+        device: Device for the schedule and every array.
+        scheduler_class: The class to build (a subclass of :class:`KDPM2DiscreteScheduler`).
+
+    Returns:
+        ``(scheduler, arrays)``: a scheduler positioned where the saved one was, and the saved arrays by name.
+
+    Raises:
+        FileNotFoundError: No checkpoint in ``directory``.
+        ValueError, TypeError: A file is malformed, tampered with, or inconsistent; the message names it.
+    """
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no kdpm2 checkpoint in {str(directory)!r} (missing {STATE_FILE})")
+    manifest = _config.load_config_file(path)
+    expected = {"format", "backend", "state", "stored", "arrays"}
+    if set(manifest) != expected:
+        raise ValueError(f"{STATE_FILE} has keys {sorted(manifest)}; expected {sorted(expected)}")
+    if manifest["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{STATE_FILE} has format {manifest['format']!r}; this kdpm2 reads {CHECKPOINT_FORMAT!r}")
+    if not isinstance(manifest["state"], dict):
+        raise TypeError(f"{STATE_FILE}: 'state' must be an object")
+    if not isinstance(manifest["arrays"], dict):
+        raise TypeError(f"{STATE_FILE}: 'arrays' must be an object")
+    if backend is None:
+        if not isinstance(manifest["backend"], str):
+            raise TypeError(f"{STATE_FILE}: 'backend' must be a string")
+        backend = manifest["backend"]
+    scheduler = scheduler_class(backend=backend)
+    placed = scheduler.backend.device(device)
+    read = {}
+    for name, entry in manifest["arrays"].items():
+        if not isinstance(name, str) or not _ARRAY_NAME.match(name):
+            raise ValueError(f"{STATE_FILE}: array name {name!r} is not an identifier")
+        read[name] = _read_array(directory / f"{name}.npy", scheduler.backend, entry, placed)
+    stored = manifest["stored"]
+    state = dict(manifest["state"])
+    state["stored"] = None if stored is None else _read_array(directory / f"{STORED}.npy", scheduler.backend, stored, placed)
+    scheduler.load_state_dict(state, device=device)
+    return scheduler, read
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]  # "torch.bfloat16" -> "bfloat16"; NumPy and JAX print bare names
+
+
+def _write_array(path: Path, backend, x) -> dict:
+    name = _dtype_name(x.dtype)
+    try:
+        same = backend.dtype(name) == x.dtype
+    except TypeError:
+        same = False
+    if not same or name not in _DTYPES:
+        raise TypeError(f"cannot checkpoint dtype {x.dtype}: backend {backend.name!r} does not name it {name!r}")
+    host = np.ascontiguousarray(backend.to_numpy(x))
+    if host.dtype.kind not in "biufc":  # bfloat16 / float8 arrive as NumPy extension dtypes that .npy cannot name
+        if host.dtype.itemsize >= 4:
+            raise TypeError(f"cannot checkpoint dtype {x.dtype}: .npy has no such type and float32 cannot hold it")
+        host = host.astype(np.float32)
+    buffer = _npy_bytes(host)
+    _replace(path, buffer)
+    return {"dtype": name, "host_dtype": host.dtype.str, "shape": list(host.shape), "sha256": hashlib.sha256(buffer).hexdigest()}
+
+
+def _npy_bytes(host: np.ndarray) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, host, allow_pickle=False)
+    return out.getvalue()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, so a crash leaves either the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _read_array(path: Path, backend, entry, device):
+    where = f"checkpoint array {path.name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "host_dtype", "shape", "sha256"}:
+        raise ValueError(f"{where}: its entry in {STATE_FILE} must hold dtype, host_dtype, shape and sha256")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise TypeError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not all(isinstance(entry[key], str) for key in ("dtype", "host_dtype", "sha256")):
+        raise TypeError(f"{where}: dtype, host_dtype and sha256 must be strings")
+    if entry["dtype"] not in _DTYPES:
+        raise ValueError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(sorted(_DTYPES))}")
+    try:
+        host_dtype = np.dtype(entry["host_dtype"])
+    except TypeError:
+        raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a NumPy dtype") from None
+    if host_dtype.kind not in "biufc":
+        raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a numeric dtype")
+    # the size is known before reading: a tampered header cannot make us allocate more
+    expected = int(np.prod(shape, dtype=np.int64)) * host_dtype.itemsize
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} is missing from {str(path.parent)!r}")
+    data = path.read_bytes() if path.stat().st_size <= expected + 65536 else None
+    if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{where} does not match the SHA-256 in {STATE_FILE}: torn by a crash while saving, or edited")
+    import io
+
+    try:
+        host = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{where} is not a valid .npy file: {exc}") from None
+    if host.dtype != host_dtype or list(host.shape) != shape:
+        raise ValueError(f"{where} holds {host.dtype}{list(host.shape)}; {STATE_FILE} says {host_dtype}{shape}")
+    return backend.asarray(host, dtype=backend.dtype(entry["dtype"]), device=device)

@@ -1,0 +1,478 @@
+"""The ``kdpm2`` command: list backends, sample toy models with an exact denoiser, compare backends, print
+schedules and run the conformance suite.
+
+User errors (an unknown backend, a bad option) print one line and exit with status 2; Ctrl-C exits with
+status 130. Both without a traceback. Needs the ``cli`` extra (click, tqdm, matplotlib).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import sys
+import time
+
+import click
+import numpy as np
+
+from kdpm2core import __version__, toy
+from kdpm2core.config import CHOICES
+from kdpm2core.plugins import BackendError, available_backends, backend_report, get_backend, registry
+from kdpm2core.scheduler import KDPM2DiscreteScheduler
+
+__all__ = ["main", "cli"]
+
+SIGMA_FAMILIES = ("default", "karras", "exponential", "beta")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+TOY_TITLES = {
+    "mixture": "8 Gaussians on a ring of radius 3, std 0.2",
+    "gaussian": "one Gaussian, mean (1, -0.5), std 0.5",
+}
+# For exact samples of a 2-D isotropic Gaussian: P(r <= 3 std) = 1 - exp(-9/2); E[r] = std * sqrt(pi/2).
+EXACT_WITHIN_3_STD = 1.0 - math.exp(-4.5)
+EXACT_MEAN_DISTANCE = 0.2 * math.sqrt(math.pi / 2)
+
+
+class UserError(click.UsageError):
+    """Bad input from the user: one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the library's input errors (raised while setting things up from options) into :class:`UserError`."""
+    try:
+        yield
+    except (BackendError, ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+class Kdpm2Group(click.Group):
+    """A click group whose errors are one line on stderr: status 2 for usage errors, 130 for Ctrl-C."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name or "kdpm2", complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except click.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "kdpm2"
+            message = " ".join(exc.format_message().split())
+            hint = f" (see '{where} --help')" if isinstance(exc, click.UsageError) and not isinstance(exc, UserError) else ""
+            click.echo(f"{where}: error: {message}{hint}", err=True)
+            code = exc.exit_code
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("kdpm2: interrupted", err=True)
+            code = 130
+        except BrokenPipeError:  # e.g. ``kdpm2 schedule | head``
+            sys.stderr.close()
+            code = 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _emit_json(payload: dict) -> None:
+    click.echo(json.dumps(payload, indent=2, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- scheduler options, shared by sample, compare and schedule -------------------------------------------------
+def scheduler_options(command):
+    """The scheduler's configuration as command-line options."""
+    options = [
+        click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Number of sampling steps (two model calls each, one for the last)."),
+        click.option("--sigmas", "sigma_family", type=click.Choice(SIGMA_FAMILIES), default="default", show_default=True, help="Sigma family: interpolated from training (default), Karras, exponential or beta."),
+        click.option("--spacing", type=click.Choice(CHOICES["timestep_spacing"]), default="linspace", show_default=True, help="Timestep spacing."),
+        click.option("--prediction-type", type=click.Choice(CHOICES["prediction_type"]), default="epsilon", show_default=True, help="What the model predicts."),
+        click.option("--beta-schedule", type=click.Choice(CHOICES["beta_schedule"]), default="linear", show_default=True, help="Training beta schedule."),
+        click.option("--beta-start", type=float, default=None, help="First training beta [scheduler default 0.00085]."),
+        click.option("--beta-end", type=float, default=None, help="Last training beta [scheduler default 0.012]."),
+        click.option("--num-train-timesteps", type=click.IntRange(min=1), default=None, help="Training timesteps [scheduler default 1000]."),
+        click.option("--steps-offset", type=click.IntRange(min=0), default=None, help="Offset added to 'leading' timesteps [default 0]."),
+        click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0", help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config_from(opts: dict) -> dict:
+    config = {
+        "timestep_spacing": opts["spacing"],
+        "prediction_type": opts["prediction_type"],
+        "beta_schedule": opts["beta_schedule"],
+    }
+    for key in ("beta_start", "beta_end", "num_train_timesteps", "steps_offset"):
+        if opts[key] is not None:
+            config[key] = opts[key]
+    if opts["sigma_family"] != "default":
+        config[f"use_{opts['sigma_family']}_sigmas"] = True
+    return config
+
+
+def _parse_sigmas(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UserError(f"--custom-sigmas must be comma-separated numbers, got {text!r}") from None
+
+
+def _make_scheduler(opts: dict, backend_name: str = "numpy", device=None) -> KDPM2DiscreteScheduler:
+    with user_errors():
+        scheduler = KDPM2DiscreteScheduler(**_config_from(opts), backend=backend_name)
+        _reset(scheduler, opts, device)
+    return scheduler
+
+
+def _reset(scheduler, opts: dict, device=None) -> None:
+    sigmas = _parse_sigmas(opts["custom_sigmas"])
+    if sigmas is None:
+        scheduler.set_timesteps(opts["steps"], device=device)
+    else:
+        scheduler.set_timesteps(device=device, sigmas=sigmas)
+
+
+def _describe_schedule(scheduler) -> str:
+    sigmas = np.asarray(scheduler.backend.to_numpy(scheduler.sigmas), dtype=np.float64)
+    config = scheduler.config
+    family = next((name for name in SIGMA_FAMILIES[1:] if config.get(f"use_{name}_sigmas")), "default")
+    return (
+        f"sigma {sigmas[0]:.4g} -> {sigmas[sigmas > 0].min():.4g} -> {sigmas[-1]:.4g}, {config.timestep_spacing} spacing, "
+        f"{family} sigmas, {config.beta_schedule} betas, {config.prediction_type} prediction"
+    )
+
+
+# -- running the toys ------------------------------------------------------------------------------------------
+def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict):
+    """Backend, parsed device and scheduler, with every input checked up front (UserError otherwise)."""
+    with user_errors():
+        backend = get_backend(backend_name)
+        if dtype == "float64" and not backend.float64:
+            raise ValueError(f"backend {backend_name!r} has no float64 support in this process (--dtype)")
+        placed = backend.device(device)
+        try:  # the device and dtype together, e.g. "cuda" on a machine without CUDA
+            backend.asarray(np.zeros(1), dtype=backend.dtype(dtype), device=placed)
+        except Exception as exc:  # torch raises RuntimeError or AssertionError here, other frameworks their own
+            raise ValueError(f"--device {device!r} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}") from None
+    scheduler = _make_scheduler(opts, backend_name, placed)
+    return backend, placed, scheduler
+
+
+def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples, progress) -> dict:
+    from tqdm import tqdm
+
+    results = {}
+    for name in toys:
+        _reset(scheduler, opts, placed)  # fresh scheduler state for each toy
+        label = f"{name} on {scheduler.backend.name}"
+        with tqdm(total=len(scheduler.timesteps), desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
+            results[name] = toy.run(
+                name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device, callback=lambda _: bar.update()
+            )
+    return results
+
+
+def _framework_version(backend, name: str) -> str:
+    """``backend.version``, else the installed version of the module the backend needs, else its plugin's."""
+    version = getattr(backend, "version", None)
+    if version:
+        return str(version)
+    entry = registry().entries.get(name)
+    if entry is None:
+        return "?"
+    for module in entry.requires:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(module)
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError, ValueError):
+        return f"{entry.distribution} {importlib.metadata.version(entry.distribution)}"
+    return "?"
+
+
+def _summary_lines(name: str, result: dict) -> str:
+    head = f"{name:<8} ({TOY_TITLES[name]}): {len(result['samples'])} points"
+    if not result["finite"]:
+        return head + ": NOT FINITE (nan or inf in the result)"
+    if name == "gaussian":
+        return (
+            head + f", max error vs the exact probability-flow solution {result['max_error']:.2e} "
+            f"(mean {result['mean_error']:.2e}) [{result['wall_time_s']:.3f} s]"
+        )
+    return (
+        head + f", {100 * result['within_3_std']:.1f}% within 3 std of a mode (exact samples: "
+        f"{100 * EXACT_WITHIN_3_STD:.1f}%), mean distance to the nearest mode {result['mean_distance_to_mode']:.3f} "
+        f"(exact: {EXACT_MEAN_DISTANCE:.3f}), {result['modes_hit']}/{result['modes']} modes hit "
+        f"[{result['wall_time_s']:.3f} s]"
+    )
+
+
+def _public(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key != "samples"}
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+@click.group(cls=Kdpm2Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdpm2")
+@click.pass_context
+def cli(ctx):
+    """The KDPM2 diffusion sampler on NumPy, PyTorch, JAX and any backend plugin."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def backends(as_json):
+    """List the registered backends: version, devices, float64 support, distribution and status."""
+    rows = []
+    for row in backend_report():
+        info = {"name": row["name"], "version": None, "devices": [], "float64": None, "distribution": row["distribution"], "status": row["status"]}
+        if row["status"] == "ok":
+            try:
+                backend = get_backend(row["name"])
+                info.update(version=_framework_version(backend, row["name"]), devices=list(backend.devices()), float64=bool(backend.float64))
+            except Exception as exc:  # a broken third-party backend is a row of the table, not a crash
+                info["status"] = f"failed: {exc}"
+        rows.append(info)
+    if as_json:
+        _emit_json({"backends": rows})
+        return
+    yes_no = {True: "yes", False: "no", None: "-"}
+    table = [
+        [r["name"], r["version"] or "-", ", ".join(r["devices"]) or "-", yes_no[r["float64"]], r["distribution"] or "-", r["status"]]
+        for r in rows
+    ]
+    click.echo(_table(["backend", "version", "devices", "float64", "distribution", "status"], table))
+
+
+@cli.command()
+@click.option("--backend", "backend_name", default="numpy", show_default=True, help="Registered backend name (see 'kdpm2 backends').")
+@click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True, help="Points per toy.")
+@click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True, help="Which toy model.")
+@scheduler_options
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a PNG: samples over the density, and the sigma schedule.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: on a terminal].")
+def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_json, progress, **opts):
+    """Sample toy models whose denoiser is exact and report how close the samples are to the truth."""
+    toys = list(toy.TOYS) if toy_name == "all" else [toy_name]
+    backend, placed, scheduler = _prepare(backend_name, device, dtype, opts)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    results = _run_toys(
+        scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples, progress=progress
+    )
+    wall = time.perf_counter() - start
+    if plot:
+        plot_samples(plot, results, scheduler)
+    model_calls = len(scheduler.timesteps)
+    if as_json:
+        _emit_json({
+            "backend": backend_name,
+            "version": _framework_version(backend, backend_name),
+            "device": device or "default",
+            "dtype": dtype,
+            "steps": scheduler.num_inference_steps,
+            "model_calls": model_calls,
+            "seed": seed,
+            "config": dict(scheduler.config),
+            "sigmas": toy.model_sigmas(scheduler).tolist(),
+            "results": {name: _public(result) for name, result in results.items()},
+            "wall_time_s": wall,
+            "plot": plot,
+        })
+        return
+    click.echo(
+        f"KDPM2 on backend {backend_name} {_framework_version(backend, backend_name)}, device {device or 'default'}, "
+        f"{dtype}, {scheduler.num_inference_steps} steps = {model_calls} model calls, seed {seed}"
+    )
+    click.echo(f"schedule: {_describe_schedule(scheduler)}")
+    for name, result in results.items():
+        click.echo(_summary_lines(name, result))
+    click.echo(f"wall time {wall:.3f} s" + (f"; plot written to {plot}" if plot else ""))
+
+
+@cli.command()
+@click.option("--backends", "names", default=None, metavar="A,B,...", help="Backends to compare [every available one].")
+@click.option("--device", default=None, help="Device for every backend [backend default].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True, help="Points per toy.")
+@scheduler_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def compare(names, device, dtype, seed, num_samples, as_json, **opts):
+    """Run the same sampling on every available backend and tabulate the largest differences from NumPy."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else available_backends()
+    if "numpy" in chosen:  # the reference runs first
+        chosen.remove("numpy")
+    chosen.insert(0, "numpy")
+    rows, reference = [], None
+    for name in chosen:
+        row = {"backend": name, "status": "ok"}
+        try:
+            backend, placed, scheduler = _prepare(name, device if name != "numpy" else None, dtype, opts)
+            results = _run_toys(
+                scheduler, list(toy.TOYS), opts, placed=placed, device=device if name != "numpy" else None, dtype=dtype,
+                seed=seed, num_samples=num_samples, progress=False,
+            )
+        except UserError as exc:
+            if name == "numpy" or names:  # the reference, or a backend the user asked for by name
+                raise
+            rows.append({**row, "status": f"skipped: {exc.format_message()}"})
+            continue
+        except Exception as exc:  # one backend failing must not hide the others' results
+            rows.append({**row, "status": f"failed: {exc!r}"})
+            continue
+        samples = {key: result["samples"] for key, result in results.items()}
+        if reference is None:
+            reference = samples
+        row["wall_time_s"] = sum(result["wall_time_s"] for result in results.values())
+        for key in samples:
+            row[f"max_diff_{key}"] = float(np.max(np.abs(samples[key] - reference[key])))
+        row["gaussian_error"] = results["gaussian"].get("max_error")
+        row["within_3_std"] = results["mixture"].get("within_3_std")
+        rows.append(row)
+    failed = any(row["status"].startswith("failed") for row in rows)
+    if as_json:
+        _emit_json({"dtype": dtype, "seed": seed, "samples": num_samples, "config": _config_from(opts), "backends": rows})
+    else:
+        click.echo(f"{num_samples} points per toy, {dtype}, seed {seed}; differences are max |x - x_numpy| over all coordinates")
+        table = [
+            [r["backend"], r["status"]]
+            + ([f"{r['wall_time_s']:.3f} s", f"{r['max_diff_mixture']:.2e}", f"{r['max_diff_gaussian']:.2e}", f"{r['gaussian_error']:.2e}", f"{100 * r['within_3_std']:.1f}%"]
+               if r["status"] == "ok" else ["-"] * 5)
+            for r in rows
+        ]
+        headers = ["backend", "status", "time", "max diff mixture", "max diff gaussian", "gaussian error", "within 3 std"]
+        click.echo(_table(headers, table))
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@scheduler_options
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a PNG of the timesteps and sigmas.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def schedule(plot, as_json, **opts):
+    """Print the timesteps and sigmas of a schedule: one row per substep (model call)."""
+    scheduler = _make_scheduler(opts)
+    timesteps = np.asarray(scheduler.timesteps, dtype=np.float64)
+    sigmas = toy.model_sigmas(scheduler)
+    if plot:
+        plot_schedules(plot, {_describe_schedule(scheduler): scheduler})
+    if as_json:
+        _emit_json({
+            "config": dict(scheduler.config),
+            "steps": scheduler.num_inference_steps,
+            "init_noise_sigma": scheduler.init_noise_sigma,
+            "timesteps": timesteps.tolist(),
+            "sigmas": sigmas.tolist(),
+            "final_sigma": float(np.asarray(scheduler.sigmas)[-1]),
+            "plot": plot,
+        })
+        return
+    click.echo(f"{scheduler.num_inference_steps} steps, {len(timesteps)} substeps; init_noise_sigma {scheduler.init_noise_sigma:.6g}")
+    click.echo(f"schedule: {_describe_schedule(scheduler)}")
+    rows = [[k, k // 2, "euler" if k % 2 == 0 else "midpoint", f"{t:.4f}", f"{s:.6g}"] for k, (t, s) in enumerate(zip(timesteps, sigmas))]
+    click.echo(_table(["substep", "step", "kind", "timestep", "sigma"], rows))
+    if plot:
+        click.echo(f"plot written to {plot}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("backend_name", metavar="NAME")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def conformance(backend_name, pytest_args):
+    """Run the conformance suite on backend NAME; extra arguments go to pytest (e.g. -x -q)."""
+    with user_errors():
+        get_backend(backend_name)
+    try:
+        from kdpm2core.testing import run
+    except ImportError as exc:
+        raise click.ClickException(f"the conformance suite is not available in this installation: {exc}") from None
+    code = run(backend_name, extra_args=tuple(pytest_args))
+    sys.exit(int(code))
+
+
+# -- plots -------------------------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    # matplotlib's Figure without pyplot: no GUI backend, no global state
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=80, layout="constrained")
+
+
+def _draw_sigmas(ax, label: str, scheduler) -> None:
+    sigmas = toy.model_sigmas(scheduler)
+    k = np.arange(len(sigmas))
+    (line,) = ax.plot(k, sigmas, "-", lw=1, label=label)
+    ax.plot(k[::2], sigmas[::2], "o", ms=3, color=line.get_color())
+    ax.plot(k[1::2], sigmas[1::2], "x", ms=3, color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("substep (o Euler, x midpoint)")
+    ax.set_ylabel("sigma the model sees")
+
+
+def plot_samples(path: str, results: dict, scheduler) -> None:
+    """Samples of each toy over its density, and the sigma schedule, side by side in one PNG."""
+    fig = _figure(4 * (len(results) + 1), 4)
+    axes = fig.subplots(1, len(results) + 1)
+    grid = np.linspace(-4.5, 4.5, 181)
+    points = np.stack(np.meshgrid(grid, grid), axis=-1)
+    for ax, (name, result) in zip(axes, results.items()):
+        density = np.exp(toy.TOYS[name].log_density(points))
+        ax.contourf(grid, grid, density, levels=12, cmap="Blues")
+        ax.scatter(result["samples"][:, 0], result["samples"][:, 1], s=2, c="tab:red", alpha=0.6, lw=0)
+        ax.set_xlim(grid[0], grid[-1])
+        ax.set_ylim(grid[0], grid[-1])
+        ax.set_aspect("equal")
+        ax.set_title(f"{name}: {len(result['samples'])} samples")
+    _draw_sigmas(axes[-1], scheduler.backend.name, scheduler)
+    axes[-1].set_title(f"{scheduler.num_inference_steps} steps")
+    fig.savefig(path)
+
+
+def plot_schedules(path: str, schedulers: dict) -> None:
+    """Sigma and timestep per substep of each labelled scheduler, in one PNG."""
+    fig = _figure(9, 3.6)
+    left, right = fig.subplots(1, 2)
+    for label, scheduler in schedulers.items():
+        _draw_sigmas(left, label, scheduler)
+        right.plot(np.asarray(scheduler.timesteps, dtype=np.float64), ".-", lw=1, ms=4, label=label)
+    right.set_xlabel("substep")
+    right.set_ylabel("timestep")
+    if len(schedulers) == 1:
+        fig.suptitle(next(iter(schedulers)), fontsize=9)
+    else:
+        right.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def main(argv=None):
+    """Entry point of the ``kdpm2`` console script."""
+    return cli.main(args=argv, prog_name="kdpm2")
+
+
+if __name__ == "__main__":
+    main()

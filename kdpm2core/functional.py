@@ -1,0 +1,328 @@
+"""The functional KDPM2 sampler: pure functions over an immutable :class:`Plan` and a :class:`State` of arrays.
+
+The stateful :class:`~kdpm2core.KDPM2DiscreteScheduler` keeps Python state and reads its coefficients as
+Python floats. Here the coefficient table lives on the device and the substep index is a 0-d integer array,
+so nothing branches on a value: a whole sampling loop traces once under ``jax.jit`` (``lax.fori_loop``),
+``torch.compile(fullgraph=True)`` or a CUDA graph. ::
+
+    plan = make_plan(num_inference_steps=25, backend="jax")
+    x = sample(plan, model, noise * init_noise_sigma(plan))            # the whole loop
+
+    state = init(plan, x)                                              # or drive it yourself
+    for _ in range(num_substeps(plan)):
+        model_output = model(*model_inputs(plan, state, x))
+        (x, denoised), state = step(plan, state, model_output, x)
+
+Both give the stateful scheduler's numbers bit for bit (eagerly; a compiler may fuse a multiply-add).
+
+Design notes:
+
+- The schedule math is :mod:`kdpm2core.schedule`'s, run once on the host in float64; a plan only moves the
+  result to the backend (timesteps in float32 as diffusers has them; the rest in the working dtype).
+- ``State.stored`` is simply the sample passed to the previous step. A midpoint substep needs exactly that
+  (the sample its Euler substep started from), and an Euler substep multiplies it by ``a = 0``. Keeping a
+  reference instead of a masked copy makes a step allocate only its two outputs.
+- What only the host needs (the float64 schedule, the backend object, the options) sits in ``Plan.info``, a
+  :class:`PlanInfo` that JAX treats as static (no leaves), so a plan can be a ``jax.jit`` argument.
+- Churn (k-diffusion's ``s_churn``) only moves the sigmas a step starts from; the amounts are known on the
+  host, so a churned plan is another table built with :func:`~kdpm2core.schedule.substep_table`, plus the
+  standard deviation of the noise added before each Euler substep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kdpm2core import config as _config
+from kdpm2core.plugins import get_backend
+from kdpm2core.schedule import Schedule, build_schedule, sigma_to_t, substep_table, training_table
+
+__all__ = [
+    "Plan",
+    "PlanInfo",
+    "State",
+    "make_plan",
+    "init",
+    "step",
+    "model_inputs",
+    "sample",
+    "num_substeps",
+    "init_noise_sigma",
+]
+
+Array = Any
+
+
+class PlanInfo:
+    """Host-side facts of a plan: no arrays, compared by identity (static under ``jax.jit``)."""
+
+    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn")
+
+    def __init__(self, backend, dtype, device, base: Schedule, options: dict, prediction_type: str, churn: tuple):
+        self.backend = backend  #: the backend object every function of this module calls
+        self.dtype = dtype  #: the working dtype of the plan's arrays
+        self.device = device  #: where the plan's arrays live (``None``: the backend's default)
+        self.base = base  #: the churn-free float64 schedule, as :func:`build_schedule` made it
+        self.options = options  #: the validated scheduler options (for the training sigmas)
+        self.prediction_type = prediction_type  #: what the table expects the model to predict
+        self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
+
+    @property
+    def churned(self) -> bool:
+        """Whether a sampling loop adds noise (some step's sigma is raised)."""
+        return bool(np.any(_gammas(self.base, self.churn) > 0))
+
+    def __repr__(self) -> str:
+        return f"PlanInfo(backend={self.backend.name!r}, dtype={self.dtype}, prediction_type={self.prediction_type!r})"
+
+
+class Plan(NamedTuple):
+    """Everything a sampling loop reads, one entry per substep, as backend arrays."""
+
+    timesteps: Array  #: (n,) float32: the timestep a diffusers-style model sees at each substep
+    sigmas: Array  #: (n,) the sigma a denoiser sees at each substep
+    input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)``
+    table: Array  #: (n, 6) the coefficient rows ``(a, b, c, p, q, first)``, see :mod:`kdpm2core.schedule`
+    noise: Array  #: (n,) standard deviation of the churn noise added before each substep (zeros: no churn)
+    info: PlanInfo  #: host-side facts (static)
+
+
+class State(NamedTuple):
+    """The sampler's state: a pytree of arrays (JAX can carry it through ``lax.scan``)."""
+
+    index: Array  #: 0-d int32: the next substep
+    stored: Array  #: the sample passed to the previous step (what a midpoint substep starts from)
+
+
+# -- plans ------------------------------------------------------------------------------------------------------
+def make_plan(
+    source=None,
+    num_inference_steps: int | None = None,
+    *,
+    sigmas=None,
+    backend=None,
+    dtype: Any = "float32",
+    device: Any = None,
+    prediction_type: str | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    **options,
+) -> Plan:
+    """Build a plan from a stateful scheduler, or from scheduler options.
+
+    Args:
+        source: A :class:`~kdpm2core.KDPM2DiscreteScheduler` after ``set_timesteps`` (its schedule, options,
+            backend and device are taken as they are), or ``None`` to build from the other arguments.
+        num_inference_steps: Number of steps (without ``source``; exclusive with ``sigmas``).
+        sigmas: k-diffusion style decreasing sigmas, final sigma included (without ``source``).
+        backend: Backend name or object (default: the scheduler's, else ``$KDPM2_BACKEND`` or numpy).
+        dtype: Working dtype of the plan's arrays: a name such as ``"float32"`` or a dtype object.
+        device: Device of the plan's arrays (default: the scheduler's timesteps' device).
+        prediction_type: Override what the model predicts; ``"sample"`` suits k-diffusion denoisers.
+        s_churn: Total churn of k-diffusion's ``sample_dpm_2`` (0: deterministic).
+        s_tmin: Churn only steps whose sigma is at least this.
+        s_tmax: Churn only steps whose sigma is at most this.
+        s_noise: Scale of the churn noise.
+        **options: Scheduler options (``beta_schedule=...``, ``use_karras_sigmas=...``), without ``source``.
+
+    Returns:
+        An immutable :class:`Plan`.
+    """
+    if source is not None:
+        if not hasattr(source, "_host") or not hasattr(source, "config"):
+            raise TypeError(f"source must be a KDPM2DiscreteScheduler or None, got {type(source).__name__}")
+        if options or num_inference_steps is not None or sigmas is not None:
+            raise ValueError("pass either a scheduler as source, or num_inference_steps/sigmas/options, not both")
+        base, validated = source._host, _config.validate_config(source.config)
+        backend = source.backend if backend is None else get_backend(backend)
+        if device is None:
+            device = backend.device_of(source.timesteps)
+    else:
+        unknown = sorted(set(options) - set(_config.DEFAULTS))
+        if unknown:
+            raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
+        if (num_inference_steps is None) == (sigmas is None):
+            raise ValueError("pass exactly one of num_inference_steps and sigmas")
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        validated = _config.validate_config(options)
+        base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
+        backend = get_backend(backend)
+        device = backend.device(device)
+    if isinstance(dtype, str):
+        dtype = backend.dtype(dtype)
+    info = PlanInfo(backend, dtype, device, base, validated, prediction_type or validated["prediction_type"], (0.0, 0.0, math.inf, 1.0))
+    return _with(info, prediction_type=info.prediction_type, churn=_check_churn(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> tuple:
+    values = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+    if s_churn < 0 or not math.isfinite(s_churn):
+        raise ValueError(f"s_churn must be finite and >= 0, got {s_churn!r}")
+    if not math.isfinite(s_noise):
+        raise ValueError(f"s_noise must be finite, got {s_noise!r}")
+    return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+
+
+def _gammas(base: Schedule, churn: tuple) -> np.ndarray:
+    """k-diffusion's per-step churn: ``min(s_churn / steps, sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax``."""
+    s_churn, s_tmin, s_tmax, _ = churn
+    step_sigmas = base.sigma_in[base.table[:, 5] == 1]  # Euler rows start each step, at its sigma
+    gamma = min(s_churn / step_sigmas.size, math.sqrt(2.0) - 1.0)
+    return np.where((step_sigmas >= s_tmin) & (step_sigmas <= s_tmax), gamma, 0.0)
+
+
+def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
+    """The plan for ``info``'s schedule with another prediction type or churn (host math, then one transfer)."""
+    base = info.base
+    info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn)
+    gammas = _gammas(base, churn)
+    if not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
+        timesteps, sigma_in, table = base.timesteps, base.sigma_in, base.table  # bit-identical to the scheduler
+        noise = np.zeros_like(sigma_in)
+    else:
+        euler = base.table[:, 5] == 1
+        step_sigmas = base.sigma_in[euler]
+        sigma_next = np.append(step_sigmas[1:], base.sigmas[-1])
+        sigma_hat = step_sigmas * (1.0 + gammas)
+        sigma_in, midpoint, table, step_of_row = substep_table(sigma_hat, sigma_next, prediction_type)
+        raised = gammas[step_of_row] > 0
+        log_sigmas = training_table(
+            *(info.options[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"))
+        ).log_sigmas
+        # unchurned steps keep the scheduler's timesteps; raised sigmas get the timestep of their own sigma
+        timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
+        added = churn[3] * np.sqrt(np.maximum(sigma_hat**2 - step_sigmas**2, 0.0))
+        noise = np.where(midpoint, 0.0, added[step_of_row])
+    backend, dtype, device = info.backend, info.dtype, info.device
+    return Plan(
+        timesteps=backend.asarray(timesteps.astype(np.float32), device=device),
+        sigmas=backend.asarray(sigma_in, dtype=dtype, device=device),
+        input_scale=backend.asarray(1.0 / np.sqrt(sigma_in**2 + 1.0), dtype=dtype, device=device),
+        table=backend.asarray(table, dtype=dtype, device=device),
+        noise=backend.asarray(noise, dtype=dtype, device=device),
+        info=info,
+    )
+
+
+def num_substeps(plan: Plan) -> int:
+    """Number of substeps (model calls) in the plan."""
+    return int(plan.table.shape[0])
+
+
+def init_noise_sigma(plan: Plan) -> float:
+    """Standard deviation of the initial noise, as the stateful scheduler's ``init_noise_sigma``."""
+    return plan.info.base.init_noise_sigma
+
+
+# -- one substep ------------------------------------------------------------------------------------------------
+def init(plan: Plan, sample: Array, index: int = 0) -> State:
+    """The state before substep ``index`` (an Euler substep: even, or the schedule's last) for ``sample``."""
+    n = num_substeps(plan)
+    if isinstance(index, int) and not 0 <= index < n:
+        raise ValueError(f"index must be in [0, {n - 1}], got {index}")
+    backend = plan.info.backend
+    # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
+    extra = {} if plan.info.device is None else {"device": plan.info.device}
+    return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), sample)
+
+
+def _row(plan: Plan, state: State, values: Array) -> Array:
+    """``values[state.index]`` through ``take`` with a 1-element index array: no host read on any backend."""
+    xp = plan.info.backend.xp
+    picked = xp.take(values, xp.reshape(state.index, (1,)), axis=0)
+    return picked[0]
+
+
+def model_inputs(plan: Plan, state: State, sample: Array, *, denoiser: bool = False) -> tuple[Array, Array]:
+    """What the model sees at the current substep.
+
+    Returns ``(sample * input_scale, timestep)`` for a diffusers-style model, or ``(sample, sigma)`` for a
+    k-diffusion denoiser (``denoiser=True``); the second item is a 0-d array.
+    """
+    if denoiser:
+        return sample, _row(plan, state, plan.sigmas)
+    return sample * _row(plan, state, plan.input_scale), _row(plan, state, plan.timesteps)
+
+
+def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None) -> tuple[tuple[Array, Array], State]:
+    """One substep: ``((prev_sample, pred_original_sample), new_state)``.
+
+    Args:
+        plan: The plan.
+        state: The state before this substep.
+        model_output: The model's prediction for ``sample`` (of the plan's prediction type).
+        sample: The current sample; never modified.
+        out: Optional pair of buffers for the two results (backends with in-place arrays write into them,
+            so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
+    """
+    a, b, c, p, q, _ = (_row(plan, state, plan.table)[j] for j in range(6))
+    extra = {} if out is None else {"out": out}
+    prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)
+    return (prev, pred), State(state.index + 1, sample)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+def sample(
+    plan: Plan,
+    model: Callable[[Array, Array], Array],
+    x: Array,
+    *,
+    denoiser: bool = False,
+    s_churn: float | None = None,
+    s_tmin: float | None = None,
+    s_tmax: float | None = None,
+    s_noise: float | None = None,
+    seed: int | None = None,
+    rng: Any = None,
+) -> Array:
+    """Run the whole schedule from ``x`` (noise already scaled by :func:`init_noise_sigma`) with the backend's
+    loop primitive (``lax.fori_loop`` on JAX, a Python loop elsewhere); returns the final sample.
+
+    Args:
+        plan: The plan.
+        model: ``model(scaled_input, timestep) -> prediction`` of the plan's prediction type, or with
+            ``denoiser=True`` a k-diffusion denoiser ``model(x, sigma) -> denoised``.
+        x: The initial sample.
+        denoiser: Which model convention ``model`` follows.
+        s_churn: Churn as k-diffusion's ``sample_dpm_2``; ``None`` keeps the plan's (see :func:`make_plan`).
+        s_tmin: Churn only steps with sigma at least this (``None``: the plan's).
+        s_tmax: Churn only steps with sigma at most this (``None``: the plan's).
+        s_noise: Scale of the churn noise (``None``: the plan's).
+        seed: Seed of the backend's generator for the churn noise.
+        rng: A generator state from ``backend.rng`` instead of ``seed`` (on JAX a key; may be traced).
+    """
+    info = plan.info
+    given = (s_churn, s_tmin, s_tmax, s_noise)
+    churn = _check_churn(*(old if new is None else new for new, old in zip(given, info.churn)))
+    prediction_type = "sample" if denoiser else info.prediction_type  # a denoiser predicts the clean sample
+    if churn != info.churn or prediction_type != info.prediction_type:
+        plan = _with(info, prediction_type=prediction_type, churn=churn)
+        info = plan.info
+    backend = info.backend
+    churned = info.churned
+    if churned and rng is None:
+        if seed is None:
+            raise ValueError("s_churn > 0 adds noise: pass seed= or rng= so that the result is reproducible")
+        rng = backend.rng(seed) if info.device is None else backend.rng(seed, device=info.device)
+
+    def body(_, carry):
+        x, state, rng = carry
+        if churned:  # host-side constant: the churn-free loop is exactly the scheduler's
+            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype)
+            x = x + eps * _row(plan, state, plan.noise)
+        output = model(*model_inputs(plan, state, x, denoiser=denoiser))
+        (x, _), state = step(plan, state, output, x)
+        return x, state, rng
+
+    x, _, _ = backend.loop(num_substeps(plan), body, (x, init(plan, x), rng))
+    return x

@@ -1,0 +1,75 @@
+"""The backend object itself: the Protocol the scheduler relies on, checked through its own methods."""
+
+import numpy as np
+import pytest
+
+from kdpm2core.backend import Backend
+from kdpm2core.testing.support import assert_close
+
+
+def test_protocol_attributes(kdpm2_target):
+    backend = kdpm2_target.backend
+    assert isinstance(backend, Backend), f"{kdpm2_target.label}: {backend!r} lacks part of kdpm2core.backend.Backend"
+    assert backend.name == kdpm2_target.backend_name, f"{kdpm2_target.label}: .name is {backend.name!r}"
+    for flag in ("float64", "inplace", "jit"):
+        assert isinstance(getattr(backend, flag), bool), f"{kdpm2_target.label}: .{flag} must be a bool"
+    assert kdpm2_target.device_name in backend.devices()
+
+
+def test_owns_only_its_arrays(kdpm2_target):
+    x = kdpm2_target.asarray([1.0, 2.0], "float32")
+    assert kdpm2_target.backend.owns(x), f"{kdpm2_target.label}: owns() is False for its own asarray()"
+    assert not kdpm2_target.backend.owns([1.0, 2.0]), f"{kdpm2_target.label}: owns() accepts a list"
+    if kdpm2_target.backend_name != "numpy":
+        assert not kdpm2_target.backend.owns(np.zeros(2)), f"{kdpm2_target.label}: owns() accepts a NumPy array"
+
+
+def test_bad_device_and_dtype_are_clear_errors(kdpm2_target):
+    with pytest.raises(ValueError, match="no-such-device"):
+        kdpm2_target.backend.device("no-such-device:99")
+    with pytest.raises(TypeError, match="float99"):
+        kdpm2_target.backend.dtype("float99")
+
+
+def test_asarray_round_trip(kdpm2_case):
+    values = np.array([[-1.5, 0.0, 0.25], [3.0, 0.125, 7.5]])  # exact in every float dtype
+    x = kdpm2_case.array(values)
+    device = kdpm2_case.backend.device_of(kdpm2_case.array(0.0))
+    assert_close(x, values, kdpm2_case, what="asarray/to_numpy", rtol=0, atol=0, device=device)
+
+
+def test_normal(kdpm2_case):
+    backend = kdpm2_case.backend
+    device = backend.device_of(kdpm2_case.array(0.0))
+    draw = lambda seed: backend.normal(backend.rng(seed), (40, 50), dtype=kdpm2_case.dtype, device=kdpm2_case.device)[0]
+    first, again, other = draw(7), draw(7), draw(8)
+    values = kdpm2_case.to_numpy(first)
+    assert_close(first, values, kdpm2_case, what="normal", device=device)  # namespace, dtype, shape, device
+    assert np.array_equal(values, kdpm2_case.to_numpy(again)), f"{kdpm2_case.label}: same seed, different normals"
+    assert not np.array_equal(values, kdpm2_case.to_numpy(other)), f"{kdpm2_case.label}: seeds 7 and 8 agree"
+    # 2000 draws: the mean is within 5 standard errors of 0 and the std within 0.1 of 1
+    assert abs(values.mean()) < 5 / np.sqrt(values.size) and abs(values.std() - 1) < 0.1, (
+        f"{kdpm2_case.label}: normal() gave mean {values.mean():.3g}, std {values.std():.3g}"
+    )
+
+
+@pytest.mark.parametrize("row", [(0.0, 1.0, -0.3, 1.0, -2.0), (1.0, 0.25, 0.5, 0.2, 0.7)], ids=["euler", "midpoint"])
+def test_update_is_the_two_combinations(kdpm2_case, row):
+    a, b, c, p, q = row
+    rng = np.random.default_rng(3)
+    stored, sample, model_output = (rng.uniform(-2, 2, (3, 4)) for _ in range(3))
+    arrays = [kdpm2_case.array(v) for v in (stored, sample, model_output)]
+    # exact inputs in the dtype under test, so the expected values carry only the combination's rounding
+    stored, sample, model_output = (kdpm2_case.to_numpy(v) for v in arrays)
+    prev, pred = kdpm2_case.backend.update(a, b, c, p, q, arrays[0] if a else None, arrays[1], arrays[2])
+    what = f"update a={a} b={b} c={c} p={p} q={q}"
+    assert_close(prev, a * stored + b * sample + c * model_output, kdpm2_case, what=what + " prev")
+    assert_close(pred, p * sample + q * model_output, kdpm2_case, what=what + " pred")
+    for name, array, values in zip(("stored", "sample", "model_output"), arrays, (stored, sample, model_output)):
+        assert np.array_equal(kdpm2_case.to_numpy(array), values), f"{kdpm2_case.label}: update() modified {name}"
+
+
+def test_loop(kdpm2_target):
+    carry = kdpm2_target.asarray([0.0, 1.0], "float32")
+    result = kdpm2_target.backend.loop(5, lambda i, c: c * 2.0 + 1.0, carry)
+    assert_close(result, [31.0, 63.0], kdpm2_target, what="loop(5, c -> 2c + 1)", dtype="float32", rtol=0, atol=0)

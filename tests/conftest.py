@@ -1,0 +1,48 @@
+"""Shared fixtures of the project's own tests: the backends to run on, and a cheap synthetic "model".
+
+diffusers is a test-only dependency: the files that compare against it import it with ``importorskip``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kdpm2core
+
+# the first-party backends that are installed here; each parity test runs once per entry
+BACKENDS = [name for name in ("numpy", "torch", "jax") if name in kdpm2core.available_backends()]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request) -> str:
+    """Name of one installed first-party backend."""
+    return request.param
+
+
+def synthetic_model(scaled_input: np.ndarray, timestep: float, prediction_type: str = "epsilon") -> np.ndarray:
+    """A deterministic stand-in for a denoiser: a smooth, nonlinear function of the scaled input and the timestep.
+
+    Computed in float64 on the host, so every backend (and diffusers) gets the same model output for the same
+    input; the callers cast it to the sample's dtype. ``v_prediction`` gets a differently shaped function so
+    that both prediction types exercise more than one linear map.
+    """
+    x = np.asarray(scaled_input, dtype=np.float64)
+    t = float(timestep) / 1000.0
+    position = np.arange(x.size, dtype=np.float64).reshape(x.shape) / max(x.size, 1)
+    if prediction_type == "v_prediction":
+        return 0.8 * np.tanh(x) - 0.3 * x * np.cos(3.0 * t) + 0.05 * np.sin(7.0 * position + t)
+    return np.tanh(0.7 * x) + 0.2 * x * np.sin(5.0 * t) + 0.05 * np.cos(11.0 * position - 2.0 * t)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Standard normal float32 noise from NumPy's generator (the same numbers for every backend)."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """``max |ours - reference| / max |reference|``: the relative error of a whole array, in float64."""
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    scale = np.abs(reference).max()
+    return float(np.abs(ours - reference).max() / (scale if scale > 0 else 1.0))

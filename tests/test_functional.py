@@ -1,0 +1,279 @@
+"""The functional API (kdpm2core.functional) against the stateful scheduler, an independent k-diffusion-style
+reference of ``sample_dpm_2`` with churn, and the memory promises of the backends' update."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import kdpm2core
+from kdpm2core import functional as F
+
+from conftest import BACKENDS, initial_noise, relative_error
+
+
+def _model(backend):
+    """A cheap diffusers-style model written against the backend's namespace (so it traces under jit)."""
+    xp = backend.xp
+
+    def model(scaled, timestep):
+        return xp.tanh(0.7 * scaled) + 0.2 * scaled * xp.sin(timestep / 200.0)
+
+    return model
+
+
+def _stateful_run(scheduler, x, model):
+    outputs = []
+    for t in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(x, t)
+        prev, pred = scheduler.step(model(scaled, t), t, x, return_dict=False)
+        outputs.append((scaled, prev, pred))
+        x = prev
+    return outputs
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_functional_steps_equal_the_stateful_scheduler_bit_for_bit(backend_name, prediction_type):
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend=backend_name, prediction_type=prediction_type, use_karras_sigmas=True)
+    scheduler.set_timesteps(6)
+    backend = scheduler.backend
+    model = _model(backend)
+    x0 = backend.asarray(initial_noise((2, 3, 4, 4)) * scheduler.init_noise_sigma)
+    expected = _stateful_run(scheduler, x0, model)
+
+    plan = F.make_plan(scheduler)
+    assert F.num_substeps(plan) == len(expected) == 11
+    state, x = F.init(plan, x0), x0
+    for k, (scaled_ref, prev_ref, pred_ref) in enumerate(expected):
+        scaled, timestep = F.model_inputs(plan, state, x)
+        (prev, pred), state = F.step(plan, state, model(scaled, timestep), x)
+        for name, ours, ref in (("scaled input", scaled, scaled_ref), ("prev", prev, prev_ref), ("pred", pred, pred_ref)):
+            assert np.array_equal(backend.to_numpy(ours), backend.to_numpy(ref)), f"substep {k}: {name} differs"
+        assert int(backend.to_numpy(state.index)) == k + 1
+        x = prev
+
+    final = backend.to_numpy(F.sample(plan, model, x0))
+    if backend.jit:  # one compiled loop: XLA may fuse a multiply and an add into one rounding
+        assert relative_error(final, backend.to_numpy(x)) < 1e-6
+    else:
+        assert np.array_equal(final, backend.to_numpy(x))
+
+
+def test_plan_from_options_equals_plan_from_scheduler():
+    options = dict(beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction")
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(**options)
+    scheduler.set_timesteps(9)
+    ours, theirs = F.make_plan(num_inference_steps=9, **options), F.make_plan(scheduler)
+    for field in ("timesteps", "sigmas", "input_scale", "table", "noise"):
+        assert np.array_equal(getattr(ours, field), getattr(theirs, field)), field
+    assert np.array_equal(ours.timesteps, np.asarray(scheduler.timesteps))
+    assert F.init_noise_sigma(ours) == scheduler.init_noise_sigma
+    assert ours.table.dtype == np.float32 and ours.timesteps.dtype == np.float32
+
+
+def _reference_dpm_2(denoiser, x, sigmas, s_churn, s_tmin, s_tmax, s_noise, draw):
+    """k-diffusion's ``sample_dpm_2`` (Karras et al. 2022, Algorithm 2 with the DPM-Solver-2 midpoint), in float64.
+
+    ``draw()`` returns the next standard normal array; the functional sampler draws one per substep, so the
+    reference draws (and discards) one at each midpoint too.
+    """
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        eps = draw()
+        if gamma > 0:
+            x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        d = (x - denoiser(x, sigma_hat)) / sigma_hat
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma_hat)
+            continue
+        sigma_mid = math.exp(0.5 * (math.log(sigma_hat) + math.log(sigma_next)))
+        x_2 = x + d * (sigma_mid - sigma_hat)
+        draw()
+        d_2 = (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid
+        x = x + d_2 * (sigma_next - sigma_hat)
+    return x
+
+
+@pytest.mark.parametrize("churn", [dict(s_churn=1.0), dict(s_churn=0.6, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)])
+def test_churned_denoiser_sampling_matches_an_independent_sample_dpm_2(churn):
+    # float32 values: custom sigmas are stored as float32, as diffusers stores them
+    sigmas = [float(np.float32(s)) for s in (14.6, 6.0, 2.5, 0.9, 0.3, 0.0)]
+    plan = F.make_plan(sigmas=sigmas, dtype="float64")
+    assert plan.info.prediction_type == "epsilon"
+
+    def denoiser(x, sigma):
+        return x / (1.0 + sigma**2) + 0.1 * np.sin(x)
+
+    x0 = initial_noise((3, 5)).astype(np.float64) * 14.6
+    ours = F.sample(plan, denoiser, x0, denoiser=True, seed=123, **churn)
+    generator = np.random.default_rng(123)
+    expected = _reference_dpm_2(
+        denoiser, x0, sigmas, churn["s_churn"], churn.get("s_tmin", 0.0), churn.get("s_tmax", math.inf),
+        churn.get("s_noise", 1.0), lambda: generator.standard_normal(x0.shape),
+    )
+    assert relative_error(ours, expected) < 1e-12
+    unchurned = F.sample(plan, denoiser, x0, denoiser=True)
+    assert relative_error(ours, unchurned) > 1e-3  # the churn did something
+
+
+def test_churn_off_leaves_results_unchanged(backend_name):
+    backend = kdpm2core.get_backend(backend_name)
+    plan = F.make_plan(num_inference_steps=5, backend=backend_name, use_karras_sigmas=True)
+    model = _model(backend)
+    x0 = backend.asarray(initial_noise((2, 8)) * F.init_noise_sigma(plan))
+    plain = backend.to_numpy(F.sample(plan, model, x0))
+    for churn in (dict(s_churn=0.0), dict(s_churn=3.0, s_tmin=1e6)):  # no churn, or no sigma in [s_tmin, s_tmax]
+        assert np.array_equal(backend.to_numpy(F.sample(plan, model, x0, seed=1, **churn)), plain)
+
+
+def test_churn_is_reproducible_from_a_seed(backend_name):
+    backend = kdpm2core.get_backend(backend_name)
+    plan = F.make_plan(num_inference_steps=4, backend=backend_name, s_churn=2.0)
+    assert plan.info.churned and float(np.max(backend.to_numpy(plan.noise))) > 0
+    model = _model(backend)
+    x0 = backend.asarray(initial_noise((4, 4)) * F.init_noise_sigma(plan))
+    first, again, other = (backend.to_numpy(F.sample(plan, model, x0, seed=seed)) for seed in (7, 7, 8))
+    assert np.array_equal(first, again)
+    assert not np.allclose(first, other)
+    assert np.all(np.isfinite(first))
+
+
+def test_churned_plan_uses_raised_sigmas_and_their_timesteps():
+    plain = F.make_plan(num_inference_steps=4)
+    churned = F.make_plan(num_inference_steps=4, s_churn=4.0, s_tmax=10.0)
+    gamma = min(4.0 / 4, math.sqrt(2) - 1)
+    step_sigmas = np.asarray(plain.sigmas)[::2]
+    raised = step_sigmas <= 10.0
+    np.testing.assert_allclose(np.asarray(churned.sigmas)[::2], np.where(raised, step_sigmas * (1 + gamma), step_sigmas), rtol=1e-6)
+    expected_noise = np.where(raised, step_sigmas * np.sqrt((1 + gamma) ** 2 - 1), 0.0)
+    np.testing.assert_allclose(np.asarray(churned.noise)[::2], expected_noise, rtol=1e-6)
+    assert np.all(np.asarray(churned.noise)[1::2] == 0)  # midpoint substeps add nothing
+    # a raised sigma gets a larger timestep; an untouched step keeps the scheduler's
+    timesteps, base = np.asarray(churned.timesteps)[::2], np.asarray(plain.timesteps)[::2]
+    assert np.all(timesteps[raised] > base[raised]) and np.array_equal(timesteps[~raised], base[~raised])
+
+
+def test_denoiser_convention_agrees_with_the_diffusers_convention():
+    plan = F.make_plan(num_inference_steps=8, dtype="float64", use_karras_sigmas=True)
+    xp = plan.info.backend.xp
+
+    def epsilon_model(scaled, timestep):
+        return xp.tanh(scaled) * 0.5
+
+    def denoiser(x, sigma):  # the same model as a k-diffusion denoiser: D(x) = x - sigma * eps(x / sqrt(sigma^2 + 1))
+        return x - sigma * epsilon_model(x / xp.sqrt(sigma**2 + 1.0), None)
+
+    x0 = initial_noise((2, 6)).astype(np.float64) * F.init_noise_sigma(plan)
+    assert relative_error(F.sample(plan, denoiser, x0, denoiser=True), F.sample(plan, epsilon_model, x0)) < 1e-12
+
+
+def test_step_never_modifies_its_inputs(backend_name):
+    backend = kdpm2core.get_backend(backend_name)
+    plan = F.make_plan(num_inference_steps=3, backend=backend_name, prediction_type="v_prediction")
+    x, output = backend.asarray(initial_noise((3, 7), 1)), backend.asarray(initial_noise((3, 7), 2))
+    state = F.init(plan, x)
+    copies = [backend.to_numpy(v).copy() for v in (x, output)]
+    for _ in range(3):
+        (prev, pred), state = F.step(plan, state, output, x)
+    for original, after in zip(copies, (x, output)):
+        assert np.array_equal(original, backend.to_numpy(after))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(num_inference_steps=4, s_churn=-1.0), ValueError, "s_churn"),
+        (dict(num_inference_steps=4, s_noise="big"), TypeError, "s_noise"),
+        (dict(num_inference_steps=4, bogus_option=1), TypeError, "bogus_option"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(), ValueError, "num_inference_steps"),
+        (dict(num_inference_steps=4, prediction_type="noise"), ValueError, "prediction_type"),
+    ],
+)
+def test_bad_plan_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        plan = F.make_plan(**kwargs)
+        F.sample(plan, lambda x, t: x, np.zeros(2, dtype=np.float32))
+
+
+def test_churn_without_a_seed_is_refused():
+    plan = F.make_plan(num_inference_steps=3)
+    with pytest.raises(ValueError, match="seed"):
+        F.sample(plan, lambda x, t: x, np.zeros(2, dtype=np.float32), s_churn=1.0)
+    with pytest.raises(TypeError, match="source"):
+        F.make_plan(object())
+    with pytest.raises(ValueError, match="index"):
+        F.init(plan, np.zeros(2, dtype=np.float32), index=5)
+
+
+# -- memory: a step allocates its two outputs, and nothing when given buffers ----------------------------------
+SHAPE = (4, 4, 64, 64)  # 256 KiB per float32 array: large enough to see a stray temporary
+
+
+def test_numpy_step_allocates_only_its_outputs():
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(prediction_type="v_prediction")  # v: every coefficient non-trivial
+    scheduler.set_timesteps(5)
+    plan = F.make_plan(scheduler)
+    x, output = initial_noise(SHAPE, 1), initial_noise(SHAPE, 2)
+    nbytes = x.nbytes
+    scratch = kdpm2core.backend.CHUNK * 4
+    buffers = (np.empty_like(x), np.empty_like(x))
+    state = F.init(plan, x)
+    for label, call, budget in (
+        ("stateful", lambda: scheduler.step(output, scheduler.timesteps[0], x), 2 * nbytes + scratch),
+        ("functional", lambda: F.step(plan, state, output, x), 2 * nbytes + scratch),
+        ("functional out=", lambda: F.step(plan, state, output, x, out=buffers), scratch),
+    ):
+        call()  # warm caches (dtype lookups, the row's 0-d arrays)
+        tracemalloc.start()
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del result
+        assert peak <= budget + 16384, f"{label}: peak {peak} bytes for arrays of {nbytes} bytes"
+        scheduler.set_timesteps(5)
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+def test_torch_step_allocates_only_its_outputs():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        """Records the size of every tensor an op returns that does not share storage with an input."""
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    self.sizes.append(t.numel())
+            return result
+
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", prediction_type="v_prediction")
+    scheduler.set_timesteps(5)
+    plan = F.make_plan(scheduler)
+    x, output = torch.from_numpy(initial_noise(SHAPE, 1)), torch.from_numpy(initial_noise(SHAPE, 2))
+    buffers = (torch.empty_like(x), torch.empty_like(x))
+    state = F.init(plan, x)
+    numel = x.numel()
+    for label, call, expected in (
+        ("stateful", lambda: scheduler.step(output, scheduler.timesteps[0], x), 2),
+        ("functional", lambda: F.step(plan, state, output, x), 2),
+        ("functional out=", lambda: F.step(plan, state, output, x, out=buffers), 0),
+    ):
+        with Allocations() as seen:
+            call()
+        large = [size for size in seen.sizes if size >= numel]
+        assert len(large) == expected, f"{label}: allocated {large}"
+        assert all(size < 64 for size in seen.sizes if size < numel), f"{label}: temporaries {seen.sizes}"
