@@ -183,7 +183,7 @@ def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples
     for name in toys:
         _reset(scheduler, opts, placed)  # fresh scheduler state for each toy
         label = f"{name} on {scheduler.backend.name}"
-        with tqdm(total=len(scheduler.timesteps), desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
+        with tqdm(total=scheduler.timesteps.shape[0], desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
             results[name] = toy.run(
                 name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device, callback=lambda _: bar.update()
             )
@@ -228,7 +228,7 @@ def _public(result: dict) -> dict:
 
 
 # -- commands --------------------------------------------------------------------------------------------------
-@click.group(cls=Kdpm2Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="kdpm2", cls=Kdpm2Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdpm2")
 @click.pass_context
 def cli(ctx):
@@ -237,7 +237,7 @@ def cli(ctx):
         click.echo(ctx.get_help())
 
 
-@cli.command()
+@cli.command(short_help="Registered backends and whether they work.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def backends(as_json):
     """List the registered backends: version, devices, float64 support, distribution and status."""
@@ -262,7 +262,7 @@ def backends(as_json):
     click.echo(_table(["backend", "version", "devices", "float64", "distribution", "status"], table))
 
 
-@cli.command()
+@cli.command(short_help="Sample toy models with an exact denoiser.")
 @click.option("--backend", "backend_name", default="numpy", show_default=True, help="Registered backend name (see 'kdpm2 backends').")
 @click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
@@ -286,7 +286,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
     wall = time.perf_counter() - start
     if plot:
         plot_samples(plot, results, scheduler)
-    model_calls = len(scheduler.timesteps)
+    model_calls = scheduler.timesteps.shape[0]
     if as_json:
         _emit_json({
             "backend": backend_name,
@@ -313,7 +313,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
     click.echo(f"wall time {wall:.3f} s" + (f"; plot written to {plot}" if plot else ""))
 
 
-@cli.command()
+@cli.command(short_help="The same sampling on every backend, side by side.")
 @click.option("--backends", "names", default=None, metavar="A,B,...", help="Backends to compare [every available one].")
 @click.option("--device", default=None, help="Device for every backend [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
@@ -370,7 +370,7 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Timesteps and sigmas of a schedule.")
 @scheduler_options
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a PNG of the timesteps and sigmas.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -400,7 +400,7 @@ def schedule(plot, as_json, **opts):
         click.echo(f"plot written to {plot}")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(short_help="Run the conformance suite on one backend.", context_settings={"ignore_unknown_options": True})
 @click.argument("backend_name", metavar="NAME")
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def conformance(backend_name, pytest_args):

@@ -19,6 +19,7 @@ __all__ = ["DEFAULTS", "FrozenConfig", "validate_config", "load_config_file", "C
 CONFIG_NAME = "scheduler_config.json"
 CLASS_NAME = "KDPM2DiscreteScheduler"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_TRAIN_TIMESTEPS = 100_000  # models train with 1000; a bound keeps a downloaded config from exhausting memory
 
 DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -125,6 +126,8 @@ def validate_config(values: Mapping) -> dict:
     out = dict(DEFAULTS)
     out.update({k: v for k, v in values.items() if k in DEFAULTS})
     out["num_train_timesteps"] = _int("num_train_timesteps", out["num_train_timesteps"], 1)
+    if out["num_train_timesteps"] > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be at most {MAX_TRAIN_TIMESTEPS}, got {out['num_train_timesteps']}")
     out["steps_offset"] = _int("steps_offset", out["steps_offset"], 0)
     for key in ("beta_start", "beta_end"):
         out[key] = _float(key, out[key])
@@ -180,7 +183,7 @@ def parse_config_bytes(data: bytes, source: str = "<bytes>") -> dict:
         raise ValueError(f"config {source!r} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8 and integers over 4300 digits
         raise ValueError(f"config {source!r} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(f"config {source!r} must hold a JSON object, got {type(value).__name__}")

@@ -95,7 +95,7 @@ class State(NamedTuple):
     """The sampler's state: a pytree of arrays (JAX can carry it through ``lax.scan``)."""
 
     index: Array  #: 0-d int32: the next substep
-    stored: Array  #: the sample passed to the previous step (what a midpoint substep starts from)
+    stored: Array  #: the sample passed to the previous step (what a midpoint substep starts from); zeros at first
 
 
 # -- plans ------------------------------------------------------------------------------------------------------
@@ -233,7 +233,9 @@ def init(plan: Plan, sample: Array, index: int = 0) -> State:
     backend = plan.info.backend
     # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
     extra = {} if plan.info.device is None else {"device": plan.info.device}
-    return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), sample)
+    # ``stored`` starts as zeros, not as ``sample`` itself: an alias of the step's input would make compilers
+    # guard on it and compile the first step apart from the rest
+    return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), backend.xp.zeros_like(sample))
 
 
 def _row(plan: Plan, state: State, values: Array) -> Array:

@@ -92,7 +92,8 @@ def training_table(
         raise ValueError(f"{name} give betas outside (0, 1) or not finite (min {betas.min()}, max {betas.max()})")
     # float32 products accumulated in float64, as torch.cumprod does on the CPU
     alphas_cumprod = np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
-    sigmas = np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # an underflowed alphas_cumprod is reported just below
+        sigmas = np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
     if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
         raise ValueError(f"{name} give a noise table that is not finite and positive (alphas_cumprod underflows)")
     return TrainingTable(betas, alphas_cumprod, sigmas, np.log(sigmas))
@@ -187,8 +188,8 @@ def _check_custom_sigmas(sigmas) -> np.ndarray:
         raise TypeError(f"sigmas must be a 1-D sequence of numbers, got {type(sigmas).__name__}") from None
     if values.ndim != 1 or values.size < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 values (start and end), got shape {values.shape}")
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError("sigmas must be finite and non-negative")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > np.finfo(np.float32).max):
+        raise ValueError("sigmas must be finite, non-negative and within float32 range (they are stored as float32)")
     if np.any(np.diff(values) >= 0):
         raise ValueError("sigmas must be strictly decreasing")
     return values

@@ -74,6 +74,7 @@ class GaussianMixture:
         is the noise (``epsilon``), the clean sample (``sample``) or ``v`` (``v_prediction``), whichever the
         scheduler's ``prediction_type`` expects.
         """
+        sigma = float(sigma)  # a Python float: strict Array API libraries refuse NumPy scalars
         root = math.sqrt(sigma * sigma + 1.0)
         x = model_input * root
         denoised = self.denoise(x, sigma, backend)
@@ -134,7 +135,7 @@ def model_sigmas(scheduler) -> np.ndarray:
     ``sqrt(s_j * s_{j+1})``. This is what ``scale_model_input`` divides by, ``sqrt(sigma^2 + 1)``.
     """
     sigmas = np.asarray(scheduler.backend.to_numpy(scheduler.sigmas), dtype=np.float64)
-    count = len(scheduler.timesteps)
+    count = scheduler.timesteps.shape[0]
     k = np.arange(count)
     midpoint = np.sqrt(sigmas[np.maximum(k - 1, 0)]) * np.sqrt(sigmas[k])
     return np.where(k % 2 == 0, sigmas[k], midpoint)
@@ -156,7 +157,8 @@ def sample(toy: GaussianMixture, scheduler, noise, callback: Callable[[int], Non
     sigmas = model_sigmas(scheduler)
     prediction_type = scheduler.config.prediction_type
     x = noise * scheduler.init_noise_sigma
-    for k, t in enumerate(scheduler.timesteps):
+    for k in range(scheduler.timesteps.shape[0]):  # by index: the Array API does not promise iteration
+        t = scheduler.timesteps[k]
         model_input = scheduler.scale_model_input(x, t)
         output = toy.model_output(model_input, float(sigmas[k]), prediction_type, backend)
         x = scheduler.step(output, t, x, return_dict=False)[0]
@@ -198,7 +200,7 @@ def run(
     backend.synchronize(result)
     wall = time.perf_counter() - start
     samples = np.asarray(backend.to_numpy(result), dtype=np.float64)
-    out = {"toy": toy_name, "samples": samples, "wall_time_s": wall, "model_calls": len(scheduler.timesteps)}
+    out = {"toy": toy_name, "samples": samples, "wall_time_s": wall, "model_calls": scheduler.timesteps.shape[0]}
     if not np.all(np.isfinite(samples)):
         out["finite"] = False
         return out

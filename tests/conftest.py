@@ -46,3 +46,22 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
     scale = np.abs(reference).max()
     return float(np.abs(ours - reference).max() / (scale if scale > 0 else 1.0))
+
+
+def diffusers_kdpm2(**options):
+    """diffusers' ``KDPM2DiscreteScheduler(**options)``, built without the schedule its constructor computes.
+
+    That schedule is for ``num_train_timesteps`` steps and costs up to a second with a sigma family, only to
+    be replaced by the test's own ``set_timesteps`` call, which is never patched. Betas and alphas_cumprod
+    are computed as usual.
+    """
+    from unittest import mock
+
+    import torch
+    from diffusers import KDPM2DiscreteScheduler
+
+    def no_schedule(self, *args, **kwargs):
+        self.sigmas = torch.zeros(1)  # the constructor moves self.sigmas to the CPU afterwards
+
+    with mock.patch.object(KDPM2DiscreteScheduler, "set_timesteps", no_schedule):
+        return KDPM2DiscreteScheduler(**options)

@@ -277,3 +277,29 @@ def test_torch_step_allocates_only_its_outputs():
         large = [size for size in seen.sizes if size >= numel]
         assert len(large) == expected, f"{label}: allocated {large}"
         assert all(size < 64 for size in seen.sizes if size < numel), f"{label}: temporaries {seen.sizes}"
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+def test_torch_buffer_pool_never_hands_out_an_array_in_use():
+    import torch
+
+    backend = kdpm2core.get_backend("torch")
+    backend.release_buffers()
+    shape = (4, 4, 128, 128)  # 1 MiB of float32: the smallest size the pool serves
+    x, output = torch.from_numpy(initial_noise(shape, 1)), torch.from_numpy(initial_noise(shape, 2))
+    kept, views = [], []
+    for k in range(12):  # more outputs alive than the pool holds: the rest are plain allocations
+        prev, pred = backend.update(0.0, 1.0, -0.1 * (k + 1), 1.0, 0.5, None, x, output)
+        kept.append((prev.clone(), prev))
+        views.append((pred[1].clone(), pred[1]))  # only a view of ``pred`` survives
+        del pred
+    for expected, alive in kept + views:
+        assert torch.equal(expected, alive), "a live output was overwritten by a later step"
+    pointers = {alive.untyped_storage().data_ptr() for _, alive in kept + views}
+    assert len(pointers) == 24  # every live output and view has storage of its own
+    kept.clear(), views.clear()
+    # nothing references the pooled buffers any more: the next outputs reuse them
+    prev, pred = backend.update(0.0, 1.0, -0.5, 1.0, 0.5, None, x, output)
+    pooled = {buffer.untyped_storage().data_ptr() for buffer in backend._pool[(tuple(x.shape), x.dtype)]}
+    assert {prev.untyped_storage().data_ptr(), pred.untyped_storage().data_ptr()} <= pooled
+    assert torch.equal(prev, torch.add(x, output, alpha=-0.5))

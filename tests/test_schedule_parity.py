@@ -8,8 +8,10 @@ Tolerances, and why (each is a property of float32 arithmetic, not a measured fu
   (``test_training_sigmas_differ_only_where_torch_sqrt_is_not_correctly_rounded`` proves this). Every
   sampling sigma is either one of those values interpolated (np.interp, float64) or built from them by a
   sigma family, then rounded to float32, so the one-ulp difference can survive, never grow.
-- ``timesteps`` at step positions (even indices) are bit-identical once diffusers' values are rounded to
-  float32 (diffusers keeps float64 timesteps for the sigma families).
+- ``timesteps`` at step positions (even indices) are bit-identical (spaced timesteps, and Karras' rounded
+  ones), except with exponential and beta sigmas: there both map a float64 sigma to a timestep in float64,
+  through the log of the training sigmas, and where a training sigma differs by the torch-sqrt ulp the
+  timestep differs by a fraction of an ulp of the timestep; rounded to float32, within the midpoint bound.
 - ``timesteps`` at midpoint positions (odd indices) are within ``2 * ulp32(num_train_timesteps)``:
   diffusers maps its float32 geometric-mean sigma to a timestep with float32 arithmetic
   (``(1 - w) * low + w * high`` on torch float32 tensors, magnitudes up to ``num_train_timesteps``), while
@@ -33,6 +35,9 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import diffusers_kdpm2
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
@@ -48,6 +53,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas
 FAMILIES = (None, "karras", "exponential", "beta")
 SPACINGS = (("linspace", 0), ("leading", 0), ("leading", 1), ("trailing", 0), ("trailing", 1))
 SPREAD = (1, 2, 3, 7, 13, 31, 97)  # 1, 2, 3 are edge cases of spacing and interpolation; the rest are primes
+# n for which diffusers' trailing spacing (a float-step np.arange) gives n + 1 steps, the last at t = -1
+TRAILING_EXTRA = [n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)) != n]
 
 
 def options(beta="linear", family=None, spacing="linspace", offset=0, **extra) -> dict:
@@ -62,14 +69,7 @@ def options(beta="linear", family=None, spacing="linspace", offset=0, **extra) -
     return kw
 
 
-def reference(**kw) -> Reference:
-    """diffusers' scheduler without the schedule its constructor computes for ``num_train_timesteps`` steps.
-
-    That schedule (up to a second per construction with a sigma family) is overwritten by the next
-    ``set_timesteps`` call, which is never patched; the betas and alphas_cumprod are computed as usual.
-    """
-    with mock.patch.object(Reference, "set_timesteps", lambda self, *a, **k: setattr(self, "sigmas", torch.zeros(1))):
-        return Reference(**kw)
+reference = diffusers_kdpm2  # diffusers' scheduler without the constructor's 1000-step schedule
 
 
 def fast_reference(ref: Reference, n: int) -> torch.Tensor:
@@ -79,7 +79,8 @@ def fast_reference(ref: Reference, n: int) -> torch.Tensor:
         ref.set_timesteps(n)
     timesteps = ref.timesteps.clone()
     assert torch.isnan(timesteps[1::2]).all() and not torch.isnan(timesteps[0::2]).any()
-    interpolated = Reference._sigma_to_t(ref, ref.sigmas_interpol[1::2][: n - 1], ref.log_sigmas)
+    midpoints = len(timesteps) // 2  # n - 1, or n where diffusers' trailing spacing adds a step
+    interpolated = Reference._sigma_to_t(ref, ref.sigmas_interpol[1::2][:midpoints], ref.log_sigmas)
     timesteps[1::2] = torch.as_tensor(np.asarray(interpolated), dtype=timesteps.dtype)
     return timesteps
 
@@ -91,18 +92,23 @@ def ulp32(x) -> np.ndarray:
 def assert_schedule_matches(ours: KDPM2DiscreteScheduler, ref: Reference, ref_timesteps=None, context=""):
     """The tolerances of the module docstring, for one installed schedule."""
     expected_t = (ref.timesteps if ref_timesteps is None else ref_timesteps).numpy()
-    got_t = np.asarray(ours.timesteps)
-    assert got_t.dtype == np.float32
+    expected_s = ref.sigmas.numpy()
+    got_t, got_s = np.asarray(ours.timesteps), np.asarray(ours.sigmas)
+    n = ours.num_inference_steps
+    assert got_t.dtype == got_s.dtype == np.float32
+    assert got_t.shape == (2 * n - 1,) and got_s.shape == (2 * n + 2,), context
+    if len(expected_t) == 2 * n + 1 and ours.config.timestep_spacing == "trailing":
+        # diffusers' extra trailing step (see test_trailing_spacing_takes_exactly_n_steps): compare the n we share
+        expected_t, expected_s, got_s = expected_t[: 2 * n - 1], expected_s[: 2 * n - 1], got_s[: 2 * n - 1]
     assert got_t.shape == expected_t.shape, f"{context}: {got_t.shape} timesteps, diffusers has {expected_t.shape}"
-    steps = ours.num_inference_steps
-    if len(np.arange(ours.config.num_train_timesteps, 0, -ours.config.num_train_timesteps / steps)) == steps:
-        assert got_t.shape == (2 * steps - 1,), context  # (see test_trailing_count_follows_diffusers otherwise)
-    np.testing.assert_array_equal(got_t[0::2], expected_t[0::2].astype(np.float32), err_msg=f"{context}: step timesteps")
     atol = 2 * ulp32(ours.config.num_train_timesteps)
+    if ours.config.use_exponential_sigmas or ours.config.use_beta_sigmas:  # mapped through log_sigmas, see above
+        np.testing.assert_allclose(got_t[0::2], expected_t[0::2], rtol=0, atol=atol, err_msg=f"{context}: step timesteps")
+    else:
+        np.testing.assert_array_equal(got_t[0::2], expected_t[0::2].astype(np.float32), err_msg=f"{context}: step timesteps")
     np.testing.assert_allclose(got_t[1::2], expected_t[1::2], rtol=0, atol=atol, err_msg=f"{context}: midpoint timesteps")
 
-    expected_s, got_s = ref.sigmas.numpy(), np.asarray(ours.sigmas)
-    assert got_s.dtype == np.float32 and got_s.shape == expected_s.shape, context
+    assert got_s.shape == expected_s.shape, context
     np.testing.assert_array_less(np.abs(got_s - expected_s), ulp32(expected_s) * 1.000001, err_msg=f"{context}: sigmas")
     np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=2 * EPS32, err_msg=context)
 
@@ -164,29 +170,34 @@ def test_fast_reference_is_diffusers():
 
 
 # ---- dense sweeps ----------------------------------------------------------------------------------------------
-def test_every_step_count_default_config():
-    ours, ref = KDPM2DiscreteScheduler(), Reference()
-    for n in range(1, 1001):
-        ours.set_timesteps(n)
-        assert_schedule_matches(ours, ref, fast_reference(ref, n), context=f"n={n}")
-
-
-@pytest.mark.parametrize("spacing, offset", SPACINGS[1:])
-def test_every_step_count_other_spacings(spacing, offset):
-    """Sigmas, step timesteps and counts for every n; midpoint timesteps for every 9th n (they cost most)."""
-    kw = options(spacing=spacing, offset=offset)
+def sweep(kw: dict, dense: int, every: int):
+    """Every n in 1..1000: the count, step timesteps and sigmas; midpoint timesteps too for n <= ``dense``,
+    every ``every``-th n above, and 999, 1000 (diffusers' midpoint timesteps cost O(n * 1000) each)."""
     ours, ref = KDPM2DiscreteScheduler(**kw), reference(**kw)
     for n in range(1, 1001):
         ours.set_timesteps(n)
-        if n % 9 == 0 or n in (1, 2, 999, 1000):
-            assert_schedule_matches(ours, ref, fast_reference(ref, n), context=f"n={n}")
+        if n <= dense or n % every == 0 or n >= 999:
+            assert_schedule_matches(ours, ref, fast_reference(ref, n), context=f"{kw} n={n}")
             continue
         with mock.patch.object(ref, "_sigma_to_t", lambda sigma, log_sigmas: np.nan):
             ref.set_timesteps(n)
-        got_t = np.asarray(ours.timesteps)
-        assert got_t.shape == tuple(ref.timesteps.shape), n
-        np.testing.assert_array_equal(got_t[0::2], ref.timesteps.numpy()[0::2], err_msg=f"n={n}")
-        np.testing.assert_array_less(np.abs(np.asarray(ours.sigmas) - ref.sigmas.numpy()), ulp32(ref.sigmas.numpy()) * 1.000001)
+        got_t, expected_t = np.asarray(ours.timesteps), ref.timesteps.numpy()
+        got_s, expected_s = np.asarray(ours.sigmas), ref.sigmas.numpy()
+        if n in TRAILING_EXTRA and kw.get("timestep_spacing") == "trailing":
+            expected_t, expected_s, got_s = expected_t[: 2 * n - 1], expected_s[: 2 * n - 1], got_s[: 2 * n - 1]
+        # plain comparisons here: np.testing's helpers would triple this loop's time
+        assert got_t.shape == expected_t.shape == (2 * n - 1,), f"{kw} n={n}"
+        assert np.array_equal(got_t[0::2], expected_t[0::2]), f"{kw} n={n}: step timesteps"
+        assert np.all(np.abs(got_s - expected_s) <= ulp32(expected_s)), f"{kw} n={n}: sigmas"
+
+
+def test_every_step_count_default_config():
+    sweep({}, dense=100, every=37)
+
+
+@pytest.mark.parametrize("spacing, offset", (("leading", 1), ("trailing", 0)))  # the offset acts on leading only
+def test_every_step_count_other_spacings(spacing, offset):
+    sweep(options(spacing=spacing, offset=offset), dense=30, every=97)
 
 
 @pytest.mark.parametrize("beta", BETA_SCHEDULES)
@@ -249,18 +260,16 @@ def test_num_train_timesteps_argument_of_set_timesteps():
 
 
 # ---- trailing spacing: diffusers' float-step arange can give one step more --------------------------------------
-TRAILING_EXTRA = [n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)) != n]
-
-
-def test_trailing_count_follows_diffusers():
+def test_trailing_spacing_takes_exactly_n_steps():
     """For 62 values of n (61, 103, ...) ``np.arange(1000, 0, -1000 / n)`` has n + 1 entries, so diffusers
-    samples n + 1 steps, the last one at timestep -1 (sigma_min again). We follow diffusers, so that a pipeline
-    gives the same images; the extra step is pinned here so that a change is a decision, not an accident."""
+    samples n + 1 steps, the last one at timestep -1 (outside the model's range, sigma_min again). We take the
+    n steps that were asked for: the first n of diffusers' (same timesteps and sigmas), then down to 0."""
     assert len(TRAILING_EXTRA) == 62 and TRAILING_EXTRA[:3] == [61, 103, 121]
     ours, ref = KDPM2DiscreteScheduler(timestep_spacing="trailing"), reference(timestep_spacing="trailing")
     for n in TRAILING_EXTRA[:6] + TRAILING_EXTRA[-2:]:
         ours.set_timesteps(n)
         timesteps = fast_reference(ref, n)
-        assert len(ours.timesteps) == len(timesteps) == 2 * (n + 1) - 1
-        assert float(ours.timesteps[-1]) == float(timesteps[-1]) == -1.0
+        assert len(timesteps) == 2 * (n + 1) - 1 and float(timesteps[-1]) == -1.0
+        assert len(ours.timesteps) == 2 * n - 1 and float(ours.timesteps[-1]) >= 0
+        assert float(ours.sigmas[2 * n - 1]) == 0.0  # the n-th step ends at sigma 0
         assert_schedule_matches(ours, ref, timesteps, context=f"trailing n={n}")

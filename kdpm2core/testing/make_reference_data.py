@@ -18,13 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from kdpm2core.testing.cases import DATA_FILE, NOISE, ORIGINAL, ORIGINAL_NOISE, grid, toy_model, trained_betas
 
 
-def _run(scheduler, x, timesteps, xp):
-    """Sample with the toy model; returns per-substep prev and pred samples."""
+def _run(scheduler, x, timesteps, xp, scales=None):
+    """Sample with the toy model; returns per-substep prev and pred samples (and appends input scales)."""
     prev, pred = [], []
     for t in timesteps:
+        if scales is not None:
+            scales.append(float(scheduler.scale_model_input(torch.ones((), dtype=torch.float64), t)))
         model_in = scheduler.scale_model_input(x, t)
         x, x0 = scheduler.step(toy_model(model_in, float(t), xp=xp), t, x, return_dict=False)
         prev.append(x.numpy().copy())
@@ -35,7 +39,6 @@ def _run(scheduler, x, timesteps, xp):
 def generate() -> dict:
     import array_api_compat.torch as xp
     import diffusers
-    import torch
 
     flat: dict[str, list] = {}
     cases = []
@@ -57,18 +60,14 @@ def generate() -> dict:
         case["init_noise_sigma"] = float(sched.init_noise_sigma)
         put(case, "timesteps", sched.timesteps.double().numpy())
         put(case, "sigmas", sched.sigmas.numpy())
-        scales = []
-        for t in sched.timesteps:
-            scales.append(float(sched.scale_model_input(torch.ones((), dtype=torch.float64), t)))
-            sched._step_index += 1  # walk the substeps without sampling
+        # Start explicitly at substep 0: where rounding repeats timesteps[0] later in the schedule (Karras
+        # sigmas on squaredcos_cap_v2), diffusers' duplicate-timestep rule would otherwise start at substep 2.
+        sched.set_begin_index(0)
+        x = torch.tensor(NOISE, dtype=torch.float64) * sched.init_noise_sigma
+        scales = []  # the input scale depends on the solver state, so it is read along a real trajectory
+        prev, pred = _run(sched, x, sched.timesteps, xp, scales)
         put(case, "scales", np.array(scales))
         if with_trajectory:
-            sched.set_timesteps(steps)
-            # Start explicitly at substep 0: where rounding repeats timesteps[0] later in the schedule (Karras
-            # sigmas on squaredcos_cap_v2), diffusers' duplicate-timestep rule would otherwise start at substep 2.
-            sched.set_begin_index(0)
-            x = torch.tensor(NOISE, dtype=torch.float64) * sched.init_noise_sigma
-            prev, pred = _run(sched, x, sched.timesteps, xp)
             put(case, "prev", prev)
             put(case, "pred", pred)
             if steps >= 2:  # training-style add_noise: each sample at its own timestep, no begin index

@@ -151,27 +151,25 @@ def assert_close(
 
 
 def sample_loop(scheduler, x, model: Callable, target: Target, *, start: int = 0):
-    """Run the pipeline loop from substep ``start``: returns the final sample and host copies of every
-    ``prev_sample`` and ``pred_original_sample`` (taken as they are returned, to catch later overwrites).
+    """Run the pipeline loop from substep ``start`` with ``model(model_input, t)`` (``t`` a Python float).
 
-    ``model(model_input, t, k)`` gets the scaled input, the timestep as a Python float and the substep index.
-    Timesteps are passed to the scheduler as elements of ``scheduler.timesteps``, as pipelines do.
+    Timesteps are passed to the scheduler as elements of ``scheduler.timesteps``, as pipelines do. Returns the
+    final sample and host copies, one row per substep, of ``model_input``, ``prev_sample`` and
+    ``pred_original_sample`` (stacked on the backend and copied once, so lazy backends compute once).
     """
     timesteps = scheduler.timesteps
     host = target.to_numpy(timesteps)
-    prevs, preds, returned = [], [], []
+    inputs, prevs, preds = [], [], []
     for k in range(start, len(host)):
         t = timesteps[k]
         model_input = scheduler.scale_model_input(x, t)
-        x, pred = scheduler.step(model(model_input, float(host[k]), k), t, x, return_dict=False)
-        prevs.append(target.to_numpy(x))
-        preds.append(target.to_numpy(pred))
-        returned.append(x)
-    # a returned array must never be a buffer that a later step overwrote
-    for k, (kept, copy) in enumerate(zip(returned, prevs)):
-        if not np.array_equal(target.to_numpy(kept), copy, equal_nan=True):
-            raise AssertionError(f"{target.label}: prev_sample returned at substep {start + k} was overwritten later")
-    return x, np.array(prevs), np.array(preds)
+        x, pred = scheduler.step(model(model_input, float(host[k])), t, x, return_dict=False)
+        inputs.append(model_input)
+        prevs.append(x)
+        preds.append(pred)
+    stacked = target.to_numpy(target.xp.stack(inputs + prevs + preds))
+    n = len(prevs)
+    return x, {"model_input": stacked[:n], "prev": stacked[n : 2 * n], "pred": stacked[2 * n :]}
 
 
 def growth_bound(values: np.ndarray) -> float:

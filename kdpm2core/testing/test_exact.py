@@ -48,11 +48,11 @@ def _run(case, prediction_type, sigmas, x_start, denoiser):
     scheduler = case.scheduler(prediction_type=prediction_type)
     scheduler.set_timesteps(sigmas=sigmas.tolist(), device=case.device_name)
     expected = substep_sigmas(sigmas)
-    assert len(scheduler.timesteps) == len(expected), (
-        f"{case.label}: {len(scheduler.timesteps)} substeps for {len(sigmas)} sigmas, expected {len(expected)}"
-    )
+    count = scheduler.timesteps.shape[0]
+    assert count == len(expected), f"{case.label}: {count} substeps for {len(sigmas)} sigmas, expected {len(expected)}"
     x = case.array(x_start)
-    for k, t in enumerate(scheduler.timesteps):
+    for k in range(count):
+        t = scheduler.timesteps[k]
         sigma = expected[k]
         output = _as_model_output(prediction_type, x, denoiser(x, sigma), sigma)
         x = scheduler.step(output, t, x).prev_sample

@@ -35,7 +35,8 @@ def _run(case, prediction_type, start, check_inputs: bool):
     x = case.array(start * scheduler.init_noise_sigma)
     host_t = case.to_numpy(scheduler.timesteps)
     given, results = [], []
-    for k, t in enumerate(scheduler.timesteps):
+    for k in range(len(host_t)):
+        t = scheduler.timesteps[k]
         model_input = scheduler.scale_model_input(x, t)
         output = toy_model(model_input, float(host_t[k]), xp=case.xp)
         given.append((x, case.to_numpy(x), output, case.to_numpy(output)))

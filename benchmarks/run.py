@@ -1,0 +1,299 @@
+"""kdpm2 against diffusers' KDPM2DiscreteScheduler, side by side in one process: one table of ratios, one JSON.
+
+    python -m benchmarks                      # torch CPU, JAX; writes benchmarks/results/<time>.json
+    python -m benchmarks --device cuda        # the per-substep rows on a GPU
+    python -m benchmarks --quick --output x.json
+
+Every timing is the median of repeated runs, the two implementations interleaved (A B A B ...) so that load
+from other processes falls on both. The rows:
+
+- ``substep``: ``scale_model_input`` + ``step`` per substep, averaged over a whole 25-step loop (49 substeps,
+  the first step's timestep look-up included for both), same inputs for both schedulers.
+- ``step vs floor``: our ``step`` alone against the memory floor, the time to read two arrays and write two
+  (twice the measured time of copying one array: a copy reads one and writes one).
+- ``set_timesteps(1000)``: Karras sigmas.
+- ``cold start``: a fresh interpreter that imports the library, builds a scheduler and sets 25 timesteps; ours
+  must import neither torch nor jax.
+- ``jax loop``: the jitted whole-loop ``functional.sample`` against the eager Python loop over the stateful
+  scheduler, both on the JAX backend, with a cheap model (compilation excluded: done once beforehand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STEPS = 25
+
+
+# -- timing helpers -----------------------------------------------------------------------------------------------
+def interleaved(functions: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument function, called in turn ``repeats`` times (after one warm-up)."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def row(name, ours, reference, target=None, *, unit="ms", scale=1e3, kind="max", note=""):
+    ratio = ours / reference
+    ok = None if target is None else (ratio <= target if kind == "max" else ratio >= target)
+    return {
+        "benchmark": name,
+        "ours": ours * scale,
+        "reference": reference * scale,
+        "unit": unit,
+        "ratio": ratio,
+        "target": None if target is None else f"{'<=' if kind == 'max' else '>='} {target}",
+        "ok": ok,
+        "note": note,
+    }
+
+
+# -- torch: the substep loop -------------------------------------------------------------------------------------
+def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
+    import torch
+    from diffusers import KDPM2DiscreteScheduler as Diffusers
+
+    import kdpm2core
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape, generator=generator).to(device)
+    output = (0.5 * torch.randn(shape, generator=generator)).to(device)
+    ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+    theirs = Diffusers()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    label = "x".join(map(str, shape))
+
+    def loop(scheduler, substeps, scale=True):
+        def run():
+            scheduler.set_timesteps(STEPS, device=device)
+            timesteps = scheduler.timesteps[:substeps]
+            sync()
+            start = time.perf_counter()
+            x = x0
+            for t in timesteps:
+                if scale:
+                    scheduler.scale_model_input(x, t)
+                x = scheduler.step(output, t, x, return_dict=False)[0]
+            sync()
+            run.elapsed = time.perf_counter() - start
+
+        return run
+
+    # time only the loop (set_timesteps is its own row): each callable stores its loop time
+    big = int(np.prod(shape)) > 1 << 20
+    substeps = 10 if big else 2 * STEPS - 1  # 10 = five Euler and five midpoint substeps
+    calls = {"ours": loop(ours, substeps), "diffusers": loop(theirs, substeps)}
+    if floor:
+        calls["ours step only"] = loop(ours, substeps, scale=False)
+        calls["floor"] = copies(shape, device, substeps)
+    medians = _loop_medians(calls, repeats)
+    per = {name: value / substeps for name, value in medians.items()}
+    target = 0.25 if big else 0.33
+    rows = [row(f"substep ({label}, {device})", per["ours"], per["diffusers"], target, note="scale_model_input + step")]
+    if floor:
+        rows.append(row(f"step vs memory floor ({label})", per["ours step only"], per["floor"], 1.3, note="floor: read 2 + write 2 arrays"))
+        rows.append(row(f"substep vs memory floor ({label})", per["ours"], per["floor"], note="scale_model_input reads 1 + writes 1 more"))
+    return rows
+
+
+def copies(shape, device, substeps):
+    """The memory floor of ``substeps`` substeps: two array copies each (a copy reads one array, writes one),
+    timed in the same interleaved rounds as the schedulers so that machine load falls on both alike."""
+    import torch
+
+    sources = [torch.randn(shape, device=device) for _ in range(2)]
+    targets = [torch.empty(shape, device=device) for _ in range(2)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run():
+        sync()
+        start = time.perf_counter()
+        for _ in range(substeps):
+            for source, target in zip(sources, targets):
+                target.copy_(source)
+        sync()
+        run.elapsed = time.perf_counter() - start
+
+    return run
+
+
+def _loop_medians(calls: dict, repeats: int) -> dict:
+    for fn in calls.values():
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            fn()
+            times[name].append(fn.elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# -- set_timesteps and cold start ------------------------------------------------------------------------------------
+def set_timesteps_row(repeats) -> dict:
+    from diffusers import KDPM2DiscreteScheduler as Diffusers
+
+    import kdpm2core
+
+    ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch", use_karras_sigmas=True)
+    theirs = Diffusers(use_karras_sigmas=True)
+    medians = interleaved({"ours": lambda: ours.set_timesteps(1000), "diffusers": lambda: theirs.set_timesteps(1000)}, repeats)
+    return row("set_timesteps(1000), Karras", medians["ours"], medians["diffusers"], 0.1)
+
+
+OURS_COLD = (
+    "import kdpm2core; s = kdpm2core.KDPM2DiscreteScheduler(); s.set_timesteps(25); import sys; "
+    "assert 'torch' not in sys.modules and 'jax' not in sys.modules, 'a framework was imported'"
+)
+DIFFUSERS_COLD = "from diffusers import KDPM2DiscreteScheduler; s = KDPM2DiscreteScheduler(); s.set_timesteps(25)"
+
+
+def cold_start_row(repeats) -> dict:
+    def command(code):
+        def run():
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+        return run
+
+    medians = interleaved({"ours": command(OURS_COLD), "diffusers": command(DIFFUSERS_COLD)}, repeats)
+    return row("cold start (new interpreter)", medians["ours"], medians["diffusers"], 0.15, unit="s", scale=1.0, note="ours imports neither torch nor jax")
+
+
+# -- JAX: jitted whole loop against the eager stateful loop -------------------------------------------------------------
+def jax_row(repeats, device=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import kdpm2core
+    from kdpm2core import functional as F
+
+    def model(scaled, timestep):
+        return jnp.tanh(scaled) * 0.5
+
+    plan = F.make_plan(num_inference_steps=STEPS, backend="jax")
+    x0 = jax.random.normal(jax.random.key(0), (1, 4, 32, 32)) * F.init_noise_sigma(plan)
+    jitted = jax.jit(lambda x: F.sample(plan, model, x))
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="jax")
+
+    def compiled():
+        jitted(x0).block_until_ready()
+
+    def eager():
+        scheduler.set_timesteps(STEPS)
+        x = x0
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+        x.block_until_ready()
+
+    medians = interleaved({"jit": compiled, "eager": eager}, repeats)
+    platform_name = jax.devices()[0].platform
+    # reported as eager / jit: a speed-up, to be at least 5
+    return row(f"jax loop speed-up, 1x4x32x32 ({platform_name})", medians["eager"], medians["jit"], 5, kind="min", note="eager stateful time / jitted sample time")
+
+
+# -- machine and output --------------------------------------------------------------------------------------------
+def machine(device: str) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    for module in ("numpy", "torch", "jax", "diffusers"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if device.startswith("cuda"):
+            info["gpu"] = torch.cuda.get_device_name(device)
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def table(rows: list[dict]) -> str:
+    header = f"{'benchmark':44} {'ours':>11} {'diffusers/ref':>13} {'ratio':>7} {'target':>8}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ok = "" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        lines.append(
+            f"{r['benchmark']:44} {r['ours']:>8.3f} {r['unit']:2} {r['reference']:>10.3f} {r['unit']:2} "
+            f"{r['ratio']:>7.3f} {r['target'] or '':>8}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="torch device of the substep rows (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run; noisier figures)")
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"])
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 9
+
+    rows = []
+    if "small" not in args.skip:
+        rows += substep_rows((1, 4, 64, 64), args.device, repeats * 3, floor=False)
+    if "large" not in args.skip:
+        rows += substep_rows((16, 4, 256, 256), args.device, repeats, floor=True)
+    if "set_timesteps" not in args.skip:
+        rows.append(set_timesteps_row(repeats * 3))
+    if "cold" not in args.skip:
+        rows.append(cold_start_row(max(3, repeats // 2)))
+    if "jax" not in args.skip:
+        try:
+            rows.append(jax_row(repeats))
+        except ImportError as exc:
+            print(f"jax row skipped: {exc}", file=sys.stderr)
+
+    result = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "repeats": repeats,
+        "machine": machine(args.device),
+        "rows": rows,
+    }
+    print(table(rows))
+    print(f"\nmachine: {json.dumps(result['machine'])}")
+    RESULTS.mkdir(exist_ok=True)
+    targets = [RESULTS / f"bench-{result['time'].replace(':', '')}-{args.device.replace(':', '')}.json"]
+    if args.output:
+        targets.append(args.output)
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {', '.join(map(str, targets))}")
+    return 0 if all(r["ok"] is not False for r in rows) else 1

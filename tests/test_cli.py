@@ -1,0 +1,265 @@
+"""The ``kdpm2`` command: each subcommand prints the right facts, and bad input is one line with status 2."""
+
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+click_testing = pytest.importorskip("click.testing")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+from kdpm2core import KDPM2DiscreteScheduler, available_backends, cli, toy  # noqa: E402
+
+EXACT_WITHIN_3_STD = 1 - math.exp(-4.5)  # P(|x - mu| <= 3 std) for a 2-D isotropic Gaussian
+EXACT_MEAN_DISTANCE = 0.2 * math.sqrt(math.pi / 2)  # E|x - mu| for std 0.2 in 2-D
+
+
+def invoke(*args):
+    return click_testing.CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
+
+
+def invoke_json(*args):
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def png_size(path):
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+# -- sample ------------------------------------------------------------------------------------------------------
+def test_sample_without_arguments_says_what_it_did_and_lands_on_the_truth():
+    result = invoke("sample")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "backend numpy" in out and "float32" in out and "25 steps = 49 model calls" in out and "seed 0" in out
+    assert re.search(r"wall time \d+\.\d+ s", out)
+    within = float(re.search(r"([\d.]+)% within 3 std of a mode", out).group(1)) / 100
+    error = float(re.search(r"max error vs the exact probability-flow solution ([\d.e+-]+)", out).group(1))
+    assert "8/8 modes hit" in out
+    assert within > EXACT_WITHIN_3_STD - 0.03  # 2000 points: exact sampling would give 98.9% +- 0.2%
+    assert error < 0.2 * 0.5  # within a fifth of the Gaussian's standard deviation, on every point
+
+
+def test_gaussian_error_shrinks_at_second_order():
+    errors = [invoke_json("sample", "--toy", "gaussian", "--dtype", "float64", "--steps", str(n))["results"]["gaussian"]["max_error"] for n in (20, 40)]
+    # a second-order method divides the error by ~4 when the steps double; a first-order one only by 2
+    assert errors[0] / errors[1] > 2.8, errors
+
+
+def test_mixture_points_land_on_the_modes():
+    result = invoke_json("sample", "--toy", "mixture", "--sigmas", "karras", "--steps", "40", "--samples", "4000")["results"]["mixture"]
+    assert result["modes_hit"] == result["modes"] == 8
+    assert abs(result["within_3_std"] - EXACT_WITHIN_3_STD) < 0.01
+    assert abs(result["mean_distance_to_mode"] - EXACT_MEAN_DISTANCE) < 0.1 * EXACT_MEAN_DISTANCE
+
+
+def test_sample_json_has_the_run_and_the_results():
+    data = invoke_json("sample", "--steps", "6", "--seed", "3", "--samples", "100", "--sigmas", "exponential")
+    assert {"backend", "version", "device", "dtype", "steps", "model_calls", "seed", "config", "sigmas", "results", "wall_time_s"} <= set(data)
+    assert (data["backend"], data["dtype"], data["steps"], data["model_calls"], data["seed"]) == ("numpy", "float32", 6, 11, 3)
+    assert data["config"]["use_exponential_sigmas"] is True
+    assert len(data["sigmas"]) == 11 and set(data["results"]) == {"mixture", "gaussian"}
+    assert all(math.isfinite(data["results"]["gaussian"][key]) for key in ("max_error", "mean_error"))
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_every_prediction_type_gives_the_same_samples(prediction_type):
+    # the exact model answers in whatever form the scheduler expects, so the trajectory must not change
+    runs = {}
+    for kind in ("epsilon", prediction_type):
+        scheduler = KDPM2DiscreteScheduler(prediction_type=kind)
+        scheduler.set_timesteps(8)
+        runs[kind] = toy.run("mixture", scheduler, num_samples=200, dtype="float64")["samples"]
+    np.testing.assert_allclose(runs[prediction_type], runs["epsilon"], rtol=0, atol=1e-9)
+
+
+def test_sample_plot_is_a_png(tmp_path):
+    path = tmp_path / "samples.png"
+    result = invoke("sample", "--steps", "5", "--samples", "200", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"plot written to {path}" in result.stdout
+    width, height = png_size(path)
+    assert width > 2 * height > 0  # three panels side by side
+
+
+@pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
+def test_sample_on_torch_matches_numpy():
+    numpy_run, torch_run = (invoke_json("sample", "--backend", name, "--dtype", "float64", "--steps", "5", "--samples", "100") for name in ("numpy", "torch"))
+    assert torch_run["backend"] == "torch"
+    for name in ("mixture", "gaussian"):
+        for key in ("within_3_std", "mean_distance_to_mode"):
+            assert torch_run["results"][name][key] == pytest.approx(numpy_run["results"][name][key], rel=1e-9, abs=1e-12)
+
+
+# -- the sigma each substep's model call sees --------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy 2 deprecations
+@pytest.mark.parametrize("options", [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading", "steps_offset": 1}, {"use_beta_sigmas": True}])
+def test_model_sigmas_match_what_diffusers_feeds_its_model(options):
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.KDPM2DiscreteScheduler(**options)
+    reference.set_timesteps(7)
+    expected = []
+    for t in reference.timesteps:  # diffusers: sigmas on first-order substeps, sigmas_interpol on second-order ones
+        index = reference.step_index if reference.step_index is not None else reference.index_for_timestep(t)
+        table = reference.sigmas if reference.state_in_first_order else reference.sigmas_interpol
+        expected.append(float(table[index]))
+        reference.step(reference.scale_model_input(reference.sigmas[:1] * 0, t), t, reference.sigmas[:1] * 0)
+    ours = KDPM2DiscreteScheduler(**options)
+    ours.set_timesteps(7)
+    np.testing.assert_allclose(toy.model_sigmas(ours), expected, rtol=2e-7)
+
+
+# -- backends, compare, schedule -----------------------------------------------------------------------------------
+def test_backends_table_and_json():
+    result = invoke("backends")
+    assert result.exit_code == 0, result.output
+    header, rule, *rows = result.stdout.splitlines()
+    assert header.split() == ["backend", "version", "devices", "float64", "distribution", "status"]
+    numpy_row = next(row.split() for row in rows if row.startswith("numpy "))
+    assert numpy_row == ["numpy", np.__version__, "cpu", "yes", "kdpm2", "ok"]
+    data = {row["name"]: row for row in invoke_json("backends")["backends"]}
+    assert set(available_backends()) <= set(data)
+    if "torch" in available_backends():
+        import torch
+
+        assert data["torch"]["version"] == torch.__version__ and "cpu" in data["torch"]["devices"]
+        assert data["torch"]["float64"] is True
+
+
+def test_backends_reports_a_broken_backend_and_carries_on(monkeypatch):
+    real_get_backend = cli.get_backend
+
+    def get_backend(name):
+        if name == "numpy":
+            raise RuntimeError("driver exploded")
+        return real_get_backend(name)
+
+    monkeypatch.setattr(cli, "get_backend", get_backend)
+    rows = {row["name"]: row for row in invoke_json("backends")["backends"]}
+    assert rows["numpy"]["status"] == "failed: driver exploded"
+    assert all(row["status"] == "ok" for name, row in rows.items() if name in available_backends() and name != "numpy")
+
+
+def test_compare_agrees_across_backends():
+    names = [name for name in ("numpy", "torch", "jax") if name in available_backends()]
+    data = invoke_json("compare", "--backends", ",".join(names), "--steps", "6", "--samples", "200")
+    rows = {row["backend"]: row for row in data["backends"]}
+    assert list(rows) == names and all(row["status"] == "ok" for row in rows.values())
+    assert rows["numpy"]["max_diff_mixture"] == rows["numpy"]["max_diff_gaussian"] == 0
+    for row in rows.values():  # float32, values up to ~25 at the start: a few ulps of the data after 11 substeps
+        assert row["max_diff_mixture"] < 5e-5 and row["max_diff_gaussian"] < 5e-5
+        assert row["gaussian_error"] == pytest.approx(rows["numpy"]["gaussian_error"], rel=1e-3)
+
+
+@pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
+def test_compare_table_in_float64():
+    result = invoke("compare", "--backends", "torch", "--dtype", "float64", "--steps", "4", "--samples", "50")
+    assert result.exit_code == 0, result.output
+    torch_row = next(line.split() for line in result.stdout.splitlines() if line.startswith("torch "))
+    assert torch_row[1] == "ok" and float(torch_row[4]) < 1e-12 and float(torch_row[5]) < 1e-12
+
+
+def test_schedule_prints_one_row_per_substep(tmp_path):
+    path = tmp_path / "schedule.png"
+    result = invoke("schedule", "--steps", "4", "--sigmas", "karras", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"^\d+\s+\d+\s+(euler|midpoint)\s", line)]
+    scheduler = KDPM2DiscreteScheduler(use_karras_sigmas=True)
+    scheduler.set_timesteps(4)
+    assert [row[2] for row in rows] == ["euler", "midpoint"] * 3 + ["euler"]
+    np.testing.assert_allclose([float(row[3]) for row in rows], np.asarray(scheduler.timesteps), atol=1e-4)
+    np.testing.assert_allclose([float(row[4]) for row in rows], toy.model_sigmas(scheduler), rtol=1e-5)
+    assert png_size(path)[0] > 0
+
+
+def test_schedule_json_with_custom_sigmas():
+    data = invoke_json("schedule", "--custom-sigmas", "10,3,1,0")
+    assert data["steps"] == 3 and data["init_noise_sigma"] == 10 and data["final_sigma"] == 0
+    np.testing.assert_allclose(data["sigmas"], [10, math.sqrt(30), 3, math.sqrt(3), 1], rtol=1e-7)
+    assert len(data["timesteps"]) == 5
+
+
+# -- conformance -----------------------------------------------------------------------------------------------
+def test_conformance_passes_the_backend_and_pytest_arguments(monkeypatch):
+    import kdpm2core.testing
+
+    calls = []
+    monkeypatch.setattr(kdpm2core.testing, "run", lambda backend, extra_args=(): calls.append((backend, extra_args)) or 3, raising=False)
+    result = invoke("conformance", "numpy", "-x", "-k", "gaussian")
+    assert calls == [("numpy", ("-x", "-k", "gaussian"))]
+    assert result.exit_code == 3
+
+
+def test_conformance_without_the_suite_is_one_clear_line(monkeypatch):
+    import kdpm2core.testing
+
+    monkeypatch.delattr(kdpm2core.testing, "run", raising=False)
+    result = invoke("conformance", "numpy")
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "conformance suite is not available" in result.stderr
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["sample", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+        (["sample", "--steps", "0"], "--steps"),
+        (["sample", "--sigmas", "fancy"], "--sigmas"),
+        (["sample", "--stepz", "3"], "--stepz"),
+        (["sample", "--device", "tpu:7"], "tpu:7"),
+        (["sample", "--beta-start", "2"], "beta_start"),
+        (["sample", "--dtype", "bfloat16"], "bfloat16"),
+        (["schedule", "--custom-sigmas", "1,2,3"], "strictly decreasing"),
+        (["schedule", "--custom-sigmas", "1,x"], "--custom-sigmas"),
+        (["compare", "--backends", "numpy,nosuch"], "unknown backend 'nosuch'"),
+        (["conformance", "nosuch"], "unknown backend 'nosuch'"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(args, words):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdpm2") and "error:" in lines[0] and words in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy, "run", interrupted)
+    result = invoke("sample")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "kdpm2: interrupted"
+
+
+def test_ctrl_c_in_a_real_process():
+    # Python's own Ctrl-C handler, installed explicitly: a shell's background jobs inherit SIGINT ignored
+    script = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from kdpm2core.cli import main; main(sys.argv[1:])"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "sample", "--steps", "100000", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    seen = b""
+    while b"call" not in seen:  # the progress bar is up: we are inside the sampling loop
+        chunk = os.read(process.stderr.fileno(), 256)
+        assert chunk, "the process ended before sampling started"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert b"Traceback" not in err and err.strip().endswith(b"kdpm2: interrupted")

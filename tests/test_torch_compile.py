@@ -1,0 +1,86 @@
+"""torch.compile(fullgraph=True): the stateful scheduler in at most 4 graphs over a whole loop, the functional
+step in one, both with the eager numbers.
+
+Graphs are counted with a custom compiler backend that records each graph and runs it as traced (like
+``backend="eager"``): the number of graphs is decided by Dynamo, before any compiler backend runs, and
+Inductor would spend minutes of the CI budget on 2 cores compiling C++ for the same count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kdpm2core  # noqa: E402
+from kdpm2core import functional as F  # noqa: E402
+
+from conftest import initial_noise  # noqa: E402
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs Dynamo hands it and runs them unchanged."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def _model(scaled, timestep):
+    return torch.tanh(0.7 * scaled) + 0.2 * scaled * torch.sin(timestep / 200.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stateful_loop_compiles_into_at_most_four_graphs(prediction_type):
+    def run(compiler):
+        scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", prediction_type=prediction_type)
+        scheduler.set_timesteps(25)
+        scheduler.set_begin_index(0)  # as pipelines do; the timestep look-up reads the host otherwise
+
+        def substep(scheduler, x, t):
+            scaled = scheduler.scale_model_input(x, t)
+            return scaled, scheduler.step(_model(scaled, t), t, x, return_dict=False)
+
+        if compiler is not None:
+            torch._dynamo.reset()
+            substep = torch.compile(substep, backend=compiler, fullgraph=True)
+        x = torch.from_numpy(initial_noise((1, 4, 8, 8)) * scheduler.init_noise_sigma)
+        history = []
+        for t in scheduler.timesteps:
+            scaled, (x, pred) = substep(scheduler, x, t)
+            history.append((scaled, x, pred))
+        assert scheduler.step_index == len(scheduler.timesteps) == 49
+        return history
+
+    counter = GraphCounter()
+    compiled, eager = run(counter), run(None)
+    assert 1 <= counter.graphs <= 4, f"{counter.graphs} graphs for one 25-step loop"
+    for k, (ours, reference) in enumerate(zip(compiled, eager)):
+        for a, b in zip(ours, reference):
+            assert torch.equal(a, b), f"substep {k} differs from eager"
+
+
+def test_functional_step_compiles_into_one_graph():
+    plan = F.make_plan(num_inference_steps=10, backend="torch", prediction_type="v_prediction", use_karras_sigmas=True)
+    counter = GraphCounter()
+    torch._dynamo.reset()
+
+    def substep(state, x):
+        scaled, timestep = F.model_inputs(plan, state, x)
+        return F.step(plan, state, _model(scaled, timestep), x)
+
+    compiled = torch.compile(substep, backend=counter, fullgraph=True)
+    x0 = torch.from_numpy(initial_noise((2, 4, 8, 8)) * F.init_noise_sigma(plan))
+    x, state = x0, F.init(plan, x0)
+    y, reference = x0, F.init(plan, x0)
+    for _ in range(F.num_substeps(plan)):
+        (x, _), state = compiled(state, x)
+        (y, _), reference = substep(reference, y)
+        assert torch.equal(x, y)
+    assert counter.graphs == 1
+    assert int(state.index) == F.num_substeps(plan) == 19
+    assert np.all(np.isfinite(x.numpy()))
