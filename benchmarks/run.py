@@ -265,6 +265,11 @@ def main(argv=None) -> int:
     repeats = 3 if args.quick else 9
 
     rows = []
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("diffusers is not installed: only the jax row runs (pip install diffusers)", file=sys.stderr)
+        args.skip += ["small", "large", "set_timesteps", "cold"]
     if "small" not in args.skip:
         rows += substep_rows((1, 4, 64, 64), args.device, repeats * 3, floor=False)
     if "large" not in args.skip:

@@ -28,10 +28,18 @@ import numpy as np
 from kdpm2core import config as _config
 from kdpm2core.scheduler import KDPM2DiscreteScheduler
 
-__all__ = ["save_checkpoint", "load_checkpoint", "STATE_FILE", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_functional_checkpoint",
+    "load_functional_checkpoint",
+    "STATE_FILE",
+    "CHECKPOINT_FORMAT",
+]
 
 STATE_FILE = "kdpm2_checkpoint.json"
 CHECKPOINT_FORMAT = "kdpm2.checkpoint/1"
+FUNCTIONAL_FORMAT = "kdpm2.functional-checkpoint/1"
 STORED = "_stored"  # file stem of the scheduler's stored sample; caller names cannot start with "_"
 _ARRAY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _DTYPES = frozenset(
@@ -117,6 +125,82 @@ def load_checkpoint(
     return scheduler, read
 
 
+def save_functional_checkpoint(directory: str | os.PathLike, plan, state, **arrays) -> Path:
+    """Write a :class:`kdpm2core.functional.State` (and ``arrays``) into ``directory``; returns the JSON path.
+
+    A plan is code (the arguments of ``make_plan``), so it is not saved: its fingerprint is, and
+    :func:`load_functional_checkpoint` checks that the plan it is given is the same one.
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"checkpoint directory {str(directory)!r} is a file")
+    backend = plan.info.backend
+    named = {"index": state.index, "stored": state.stored, **{f"array_{k}": v for k, v in arrays.items()}}
+    for name, x in arrays.items():
+        if not _ARRAY_NAME.match(name):
+            raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
+        if not backend.owns(x):
+            raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = {name: _write_array(directory / f"{name}.npy", backend, x) for name, x in named.items()}
+    manifest = {"format": FUNCTIONAL_FORMAT, "backend": backend.name, "plan_sha256": _plan_digest(plan), "arrays": entries}
+    target = directory / STATE_FILE
+    _replace(target, (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    return target
+
+
+def load_functional_checkpoint(directory: str | os.PathLike, plan) -> tuple:
+    """Read what :func:`save_functional_checkpoint` wrote, onto ``plan``'s backend and device.
+
+    Returns:
+        ``(state, arrays)``: the functional state and the saved arrays by name.
+
+    Raises:
+        ValueError: ``plan`` is not the plan the checkpoint was saved with, or a file is malformed or edited.
+    """
+    from kdpm2core.functional import State, num_substeps
+
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no kdpm2 checkpoint in {str(directory)!r} (missing {STATE_FILE})")
+    manifest = _config.load_config_file(path)
+    expected = {"format", "backend", "plan_sha256", "arrays"}
+    if set(manifest) != expected or manifest.get("format") != FUNCTIONAL_FORMAT:
+        raise ValueError(f"{STATE_FILE} is not a functional checkpoint ({FUNCTIONAL_FORMAT}) with keys {sorted(expected)}")
+    if manifest["plan_sha256"] != _plan_digest(plan):
+        raise ValueError(
+            "the plan differs from the one this checkpoint was saved with (schedule, prediction type, churn, "
+            "dtype or backend); build it with the same make_plan arguments"
+        )
+    entries = manifest["arrays"]
+    if not isinstance(entries, dict) or not {"index", "stored"} <= set(entries):
+        raise ValueError(f"{STATE_FILE}: 'arrays' must hold index and stored")
+    backend, device = plan.info.backend, plan.info.device
+    read = {}
+    for name, entry in entries.items():
+        user = isinstance(name, str) and name.startswith("array_") and _ARRAY_NAME.match(name[6:])
+        if name not in ("index", "stored") and not user:
+            raise ValueError(f"{STATE_FILE}: unexpected array {name!r}")
+        read[name] = _read_array(directory / f"{name}.npy", backend, entry, device)
+    index = read.pop("index")
+    host_index = backend.to_numpy(index)
+    if host_index.shape != () or host_index.dtype.kind != "i" or not 0 <= int(host_index) <= num_substeps(plan):
+        raise ValueError(f"{STATE_FILE}: index must be a 0-d integer in [0, {num_substeps(plan)}], got {host_index!r}")
+    state = State(index, read.pop("stored"))
+    return state, {name[6:]: x for name, x in read.items()}
+
+
+def _plan_digest(plan) -> str:
+    """Fingerprint of everything a functional loop reads from ``plan``, as the backend holds it."""
+    backend = plan.info.backend
+    digest = hashlib.sha256(f"{backend.name}|{plan.info.dtype}|{plan.info.prediction_type}|{plan.info.churn}".encode())
+    for part in (plan.timesteps, plan.sigmas, plan.input_scale, plan.table, plan.noise):
+        host = np.ascontiguousarray(backend.to_numpy(part))
+        digest.update(str(host.dtype).encode() + str(host.shape).encode() + host.tobytes())
+    return digest.hexdigest()
+
+
 def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]  # "torch.bfloat16" -> "bfloat16"; NumPy and JAX print bare names
 
@@ -129,7 +213,7 @@ def _write_array(path: Path, backend, x) -> dict:
         same = False
     if not same or name not in _DTYPES:
         raise TypeError(f"cannot checkpoint dtype {x.dtype}: backend {backend.name!r} does not name it {name!r}")
-    host = np.ascontiguousarray(backend.to_numpy(x))
+    host = np.asarray(backend.to_numpy(x))  # (not ascontiguousarray: it would make a 0-d array 1-d)
     if host.dtype.kind not in "biufc":  # bfloat16 / float8 arrive as NumPy extension dtypes that .npy cannot name
         if host.dtype.itemsize >= 4:
             raise TypeError(f"cannot checkpoint dtype {x.dtype}: .npy has no such type and float32 cannot hold it")

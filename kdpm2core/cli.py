@@ -201,8 +201,9 @@ def _framework_version(backend, name: str) -> str:
     for module in entry.requires:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(module)
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError, ValueError):
-        return f"{entry.distribution} {importlib.metadata.version(entry.distribution)}"
+    if entry.distribution:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return f"{entry.distribution} {importlib.metadata.version(entry.distribution)}"
     return "?"
 
 

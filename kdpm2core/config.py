@@ -49,7 +49,8 @@ FOREIGN_SCHEDULER_KEYS = frozenset(
     sigma_min sigma_max final_sigmas_type algorithm_type solver_order solver_type lower_order_final
     use_lu_lambdas euler_at_final lambda_min_clipped variance_type use_flow_sigmas flow_shift
     disable_corrector solver_p predict_x0 eta sigma_data rho s_noise final_sigmas_type
-    use_dynamic_shifting time_shift_type num_inference_steps""".split()
+    use_dynamic_shifting time_shift_type num_inference_steps shift_terminal sigma_schedule
+    noise_sampler_seed""".split()
 )
 
 

@@ -105,7 +105,7 @@ def _load() -> _Registry:
                 continue  # the same plugin module reached through two entry points
             manager.register(module, name=plugin)
         except (Exception, SystemExit) as exc:  # a stranger's plugin must not break us, nor exit our process
-            failures.append(BackendEntry(ep.name, None, (), plugin, dist, f"import failed: {exc!r}"))
+            failures.append(BackendEntry(plugin, None, (), plugin, dist, f"import failed: {exc!r}"))
             _warn(f"kdpm2 plugin {ep.name!r} from {dist!r} failed to load and was skipped: {exc!r}")
             continue
         distributions[plugin] = dist
@@ -125,7 +125,7 @@ def _load() -> _Registry:
 
         try:
             impl.function(register=register)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             failures.append(BackendEntry(plugin, None, (), plugin, dist, f"register_backends raised {exc!r}"))
             _warn(f"kdpm2 plugin {plugin!r} from {dist!r} failed to register backends and was skipped: {exc!r}")
             continue

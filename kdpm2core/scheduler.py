@@ -105,6 +105,11 @@ class KDPM2DiscreteScheduler:
             config = {}
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (a scheduler's .config), got {type(config).__name__}")
+        # diffusers lists in ``_use_default_values`` the options a scheduler left at *its* defaults; like
+        # diffusers' from_config, use ours for those (EulerDiscreteScheduler's default beta_start is not ours)
+        defaulted = config.get("_use_default_values")
+        if isinstance(defaulted, (list, tuple)):
+            config = {key: value for key, value in config.items() if key not in defaulted}
         known, _ = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
         return cls(**known, backend=backend, check_finite=check_finite)
 
@@ -223,7 +228,10 @@ class KDPM2DiscreteScheduler:
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at substep ``begin_index`` (img2img and inpainting start mid-schedule)."""
-        begin_index = operator.index(begin_index)
+        try:
+            begin_index = operator.index(begin_index)
+        except TypeError:
+            raise TypeError(f"begin_index must be an integer, got {type(begin_index).__name__} {begin_index!r}") from None
         if not 0 <= begin_index < len(self._rows):
             raise ValueError(f"begin_index must be in [0, {len(self._rows) - 1}], got {begin_index}")
         self._begin_index = begin_index
@@ -248,6 +256,8 @@ class KDPM2DiscreteScheduler:
     def _host_array(self, value) -> np.ndarray:
         if self._backend.owns(value):
             return np.asarray(self._backend.to_numpy(value))
+        if isinstance(value, (str, bytes)):  # np.asarray would parse "999" as a number
+            raise TypeError(f"timestep must be a number or an array, got {type(value).__name__} {value!r}")
         try:
             return np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -278,7 +288,7 @@ class KDPM2DiscreteScheduler:
         """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
         self._check_array("sample", sample)
         k = self._current_row(timestep)
-        return sample * (self._device_rows[k][6] if self._backend.compiling() else self._input_scale[k])
+        return sample * (self._device_rows[k][6] if _compiling(self._backend) else self._input_scale[k])
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
@@ -288,7 +298,7 @@ class KDPM2DiscreteScheduler:
         if tuple(model_output.shape) != tuple(sample.shape):
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
         k = self._current_row(timestep)
-        if self._backend.compiling():
+        if _compiling(self._backend):
             # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
             # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
@@ -425,6 +435,12 @@ def _optional_index(name: str, value, maximum: int) -> int | None:
     if not 0 <= value <= maximum:
         raise ValueError(f"state[{name!r}] must be in [0, {maximum}], got {value}")
     return value
+
+
+def _compiling(backend) -> bool:
+    """Whether a graph compiler traces the caller (backends written before ``compiling`` existed: never)."""
+    compiling = getattr(backend, "compiling", None)
+    return compiling is not None and compiling()
 
 
 def _positive_int(name: str, value) -> int:

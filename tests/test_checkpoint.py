@@ -27,6 +27,13 @@ CASES = {
     "jax-bfloat16-v": ("jax", "bfloat16", {"prediction_type": "v_prediction"}, {"steps": 3}),
 }
 
+# case -> (backend, dtype, make_plan options, steps): the same for the functional API's State
+FUNCTIONAL_CASES = {
+    "functional-numpy-float32": ("numpy", "float32", {}, 4),
+    "functional-torch-bfloat16-v": ("torch", "bfloat16", {"prediction_type": "v_prediction"}, 3),
+    "functional-jax-float32-karras": ("jax", "float32", {"use_karras_sigmas": True}, 3),
+}
+
 # Both processes run this file: "save" runs each case once, checkpointing before every substep; "resume"
 # loads each checkpoint and finishes the run. Finals are written as host arrays (bfloat16 widened exactly).
 DRIVER = r'''
@@ -34,7 +41,8 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from kdpm2core import KDPM2DiscreteScheduler
-from kdpm2core.checkpoint import load_checkpoint, save_checkpoint
+from kdpm2core import functional as F
+from kdpm2core.checkpoint import load_checkpoint, load_functional_checkpoint, save_checkpoint, save_functional_checkpoint
 
 def model(xp, x, t):
     return xp.sin(x * 1.3) * 0.5 + x * (0.02 * float(t) / 1000.0)
@@ -65,8 +73,43 @@ def finish(s, x, checkpoints=None):
     host = s.backend.to_numpy(x)
     return host.astype(np.float32) if host.dtype.kind == "V" else host  # JAX gives ml_dtypes.bfloat16
 
-mode, root, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+def host(b, x):
+    h = b.to_numpy(x)
+    return h.astype(np.float32) if h.dtype.kind == "V" else h
+
+def functional_start(backend, dtype, options, steps):
+    plan = F.make_plan(num_inference_steps=steps, backend=backend, dtype=dtype, **options)
+    b = plan.info.backend
+    noise = np.random.default_rng(1).standard_normal((2, 3, 5)) * F.init_noise_sigma(plan)
+    x = b.asarray(noise, dtype=b.dtype(dtype))
+    return plan, F.init(plan, x), x
+
+def functional_finish(plan, state, x, checkpoints=None):
+    b = plan.info.backend
+    for k in range(int(b.to_numpy(state.index)), F.num_substeps(plan)):
+        if checkpoints is not None:
+            save_functional_checkpoint(checkpoints / str(k), plan, state, sample=x)
+        scaled, t = F.model_inputs(plan, state, x)
+        (x, _), state = F.step(plan, state, model(b.xp, scaled, t), x)
+    if checkpoints is not None:
+        save_functional_checkpoint(checkpoints / str(F.num_substeps(plan)), plan, state, sample=x)
+    return host(b, x)
+
+mode, root, every = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+cases, functional_cases = every["stateful"], every["functional"]
 report = {}
+for name, (backend, dtype, options, steps) in functional_cases.items():
+    out = root / name
+    if mode == "save":
+        plan, state, x = functional_start(backend, dtype, options, steps)
+        np.save(out / "saver_final.npy", functional_finish(plan, state, x, checkpoints=out), allow_pickle=False)
+    else:
+        plan = functional_start(backend, dtype, options, steps)[0]  # rebuilt from the same arguments
+        report[name] = {}
+        for point in sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: int(p.name)):
+            state, arrays = load_functional_checkpoint(point, plan)
+            report[name][point.name] = int(plan.info.backend.to_numpy(state.index))
+            np.save(out / f"resumed_{point.name}.npy", functional_finish(plan, state, arrays["sample"]), allow_pickle=False)
 for name, (backend, dtype, config, schedule) in cases.items():
     out = root / name
     if mode == "save":
@@ -85,7 +128,7 @@ print(json.dumps(report))
 
 def run_driver(mode: str, root: Path, script: Path) -> dict:
     environ = {k: v for k, v in os.environ.items() if k not in ("KDPM2_LOAD_PLUGINS", "KDPM2_BACKEND")}
-    command = [sys.executable, str(script), mode, str(root), json.dumps(CASES)]
+    command = [sys.executable, str(script), mode, str(root), json.dumps({"stateful": CASES, "functional": FUNCTIONAL_CASES})]
     done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,7 +140,7 @@ def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     script = root / "driver.py"
     script.write_text(DRIVER)
-    for name in CASES:
+    for name in [*CASES, *FUNCTIONAL_CASES]:
         (root / name).mkdir()
     run_driver("save", root, script)
     return root, run_driver("resume", root, script)
@@ -106,7 +149,7 @@ def resumed(tmp_path_factory):
 def uninterrupted(backend, dtype, config, schedule) -> tuple[np.ndarray, int]:
     """The same run in this process, in one go, no checkpoint written; returns (final, number of substeps)."""
     namespace: dict = {}
-    exec(DRIVER.split("mode, root, cases")[0], namespace)  # the driver's model, start and finish
+    exec(DRIVER.split("mode, root, every")[0], namespace)  # the driver's model, start and finish
     s, x = namespace["start"](backend, dtype, config, schedule)
     return namespace["finish"](s, x), len(s.timesteps)
 
@@ -295,3 +338,102 @@ def test_checkpoint_moves_between_backends(tmp_path):
     y = loaded.step(0.3 * torch.tanh(arrays["sample"]), loaded.timesteps[3], arrays["sample"]).prev_sample
     expected = s.step(0.3 * np.tanh(x), s.timesteps[3], x).prev_sample
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", sorted(FUNCTIONAL_CASES))
+def test_functional_state_resumes_in_new_process_bit_identical(resumed, case):
+    root, report = resumed
+    namespace: dict = {}
+    exec(DRIVER.split("mode, root, every")[0], namespace)
+    plan, state, x = namespace["functional_start"](*FUNCTIONAL_CASES[case])
+    reference = namespace["functional_finish"](plan, state, x)
+    assert np.all(np.isfinite(reference))
+    points = report[case]
+    n = len(plan.table)
+    assert {int(k): v for k, v in points.items()} == {k: k for k in range(n + 1)}  # the index came back
+    for point in points:
+        final = np.load(root / case / f"resumed_{point}.npy", allow_pickle=False)
+        assert final.dtype == reference.dtype and final.tobytes() == reference.tobytes(), f"resumed at {point}"
+    saver = np.load(root / case / "saver_final.npy", allow_pickle=False)
+    assert saver.tobytes() == reference.tobytes()
+
+
+def test_functional_checkpoint_rejects_another_plan_and_bad_index(tmp_path):
+    from kdpm2core import functional as F
+    from kdpm2core.checkpoint import load_functional_checkpoint, save_functional_checkpoint
+
+    plan = F.make_plan(num_inference_steps=4, backend="numpy", dtype="float64")
+    x = np.ones(3)
+    state = F.init(plan, x)
+    (x, _), state = F.step(plan, state, np.full(3, 0.1), x)
+    save_functional_checkpoint(tmp_path, plan, state, sample=x)
+    loaded, arrays = load_functional_checkpoint(tmp_path, plan)
+    assert int(loaded.index) == 1 and loaded.stored.tobytes() == state.stored.tobytes() and arrays["sample"].tobytes() == x.tobytes()
+    for other in (
+        F.make_plan(num_inference_steps=5, backend="numpy", dtype="float64"),
+        F.make_plan(num_inference_steps=4, backend="numpy", dtype="float32"),
+        F.make_plan(num_inference_steps=4, backend="numpy", dtype="float64", prediction_type="sample"),
+    ):
+        with pytest.raises(ValueError, match="plan differs"):
+            load_functional_checkpoint(tmp_path, other)
+    save_functional_checkpoint(tmp_path, plan, state._replace(index=np.asarray(99, dtype=np.int32)))
+    with pytest.raises(ValueError, match="index must be"):
+        load_functional_checkpoint(tmp_path, plan)
+    save_checkpoint(tmp_path / "stateful", KDPM2DiscreteScheduler())
+    with pytest.raises(ValueError, match="not a functional checkpoint"):
+        load_functional_checkpoint(tmp_path / "stateful", plan)
+
+
+# -- fuzzing the manifest --------------------------------------------------------------------------------------
+def _paths(value, prefix=()):
+    """Every key path into a JSON value."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _paths(item, (*prefix, i))
+
+
+def test_any_edit_of_the_manifest_loads_or_fails_clearly(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    directory = tmp_path_factory.mktemp("fuzzed")
+    numpy_run_after_euler(directory)
+    original = json.loads((directory / STATE_FILE).read_text())
+    paths = [p for p in _paths(original) if p]
+    replacement = st.recursive(
+        st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=5,
+    )
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(path=st.sampled_from(paths), value=replacement, delete=st.booleans())
+    def check(path, value, delete):
+        manifest = json.loads(json.dumps(original))
+        *parents, last = path
+        holder = manifest
+        for key in parents:
+            holder = holder[key]
+        if delete and isinstance(holder, dict):
+            del holder[last]
+        else:
+            holder[last] = value
+        (directory / STATE_FILE).write_text(json.dumps(manifest))
+        try:
+            scheduler, arrays = load_checkpoint(directory)
+        except (ValueError, TypeError, LookupError, FileNotFoundError) as error:
+            assert str(error), type(error)
+            return
+        # an accepted edit (say, another valid step_index) leaves a scheduler that samples on, or says why not
+        x = arrays.get("sample", np.ones((3, 4)))
+        try:
+            for t in scheduler.timesteps[scheduler.step_index or 0 :]:
+                x = scheduler.step(0.3 * np.tanh(x), t, x).prev_sample
+        except ValueError as error:
+            assert "substep" in str(error) or "shape" in str(error), error
+
+    check()

@@ -153,7 +153,7 @@ def test_backends_reports_a_broken_backend_and_carries_on(monkeypatch):
 
 
 def test_compare_agrees_across_backends():
-    names = [name for name in ("numpy", "torch", "jax") if name in available_backends()]
+    names = [name for name in ("numpy", "torch", "jax", "array-api-strict") if name in available_backends()]
     data = invoke_json("compare", "--backends", ",".join(names), "--steps", "6", "--samples", "200")
     rows = {row["backend"]: row for row in data["backends"]}
     assert list(rows) == names and all(row["status"] == "ok" for row in rows.values())
@@ -263,3 +263,16 @@ def test_ctrl_c_in_a_real_process():
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert b"Traceback" not in err and err.strip().endswith(b"kdpm2: interrupted")
+
+
+@pytest.mark.skipif("jax" not in available_backends(), reason="jax backend not installed")
+def test_compare_skips_a_backend_that_cannot_run_the_options(monkeypatch):
+    import jax
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("JAX float64 is enabled in this process")
+    monkeypatch.setattr(cli, "available_backends", lambda: ["jax", "numpy"])
+    data = invoke_json("compare", "--dtype", "float64", "--steps", "3", "--samples", "20")
+    rows = {row["backend"]: row for row in data["backends"]}
+    assert rows["numpy"]["status"] == "ok"
+    assert rows["jax"]["status"].startswith("skipped:") and "float64" in rows["jax"]["status"]

@@ -15,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,15 @@ PAGES_WITH_CODE = [page for page in PAGES if python_blocks(page)]
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
-    namespace = {"__name__": f"docs_{page.stem}"}
+    # a real module, as a pasted script has: torch.compile looks functions' globals up through sys.modules
+    module = types.ModuleType(f"kdpm2_docs_{page.stem}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     for line, code, reason in python_blocks(page):
         compiled = compile(code, f"{page.relative_to(ROOT)}:{line}", "exec")
         if reason is not None:
             assert len(reason) > 10, f"{page.name}:{line}: a no-run marker needs a real reason"
             continue
-        exec(compiled, namespace)
+        exec(compiled, module.__dict__)
 
 
 def test_the_no_run_marker_is_seen(tmp_path):

@@ -110,16 +110,20 @@ def assert_first_timestep_repeats(s: KDPM2DiscreteScheduler, error: ValueError) 
     assert "midpoint" in str(error) or "past the end" in str(error), error
 
 
-def check_functional_agrees(s: KDPM2DiscreteScheduler, final: np.ndarray) -> None:
-    """The functional API, given the same schedule and model, ends where the stateful loop ended."""
+def check_functional_agrees(s: KDPM2DiscreteScheduler, final: np.ndarray, **request) -> None:
+    """The functional API, built from the same options (``request``: the step count or the sigmas) and given
+    the same model, ends bit for bit where the stateful loop ended; so does a plan taken from the scheduler."""
     try:
         from kdpm2core import functional
     except ImportError:
         return
-    plan = functional.make_plan(s, dtype="float64")
-    x = np.array([-1.0, 0.5, 2.0]) * functional.init_noise_sigma(plan)
-    ours = functional.sample(plan, lambda scaled, t: np.tanh(scaled), x)
-    np.testing.assert_array_equal(ours, final)
+    for plan in (
+        functional.make_plan(**request, backend="numpy", dtype="float64", **s.config),
+        functional.make_plan(s, dtype="float64"),
+    ):
+        x = np.array([-1.0, 0.5, 2.0]) * functional.init_noise_sigma(plan)
+        ours = functional.sample(plan, lambda scaled, t: np.tanh(scaled), x)
+        np.testing.assert_array_equal(ours, final)
 
 
 @fuzz_settings(800)
@@ -147,7 +151,7 @@ def test_any_config_and_step_count(config, steps):
             return
         assert np.all(np.isfinite(final))
         if steps <= 20:
-            check_functional_agrees(s, final)
+            check_functional_agrees(s, final, num_inference_steps=steps)
 
 
 sigma_lists = some(
@@ -176,7 +180,7 @@ def test_any_custom_sigmas(sigmas, prediction_type):
             assert_first_timestep_repeats(s, error)
             return
     assert np.all(np.isfinite(final))
-    check_functional_agrees(s, final)
+    check_functional_agrees(s, final, sigmas=sigmas)
 
 
 @pytest.mark.xfail(strict=True, reason="known issue: duplicate-timestep rule starts a plain loop on a midpoint substep")

@@ -53,6 +53,18 @@ BROKEN_PLUGINS = {
             register("Bad Name!", lambda: None)
         """,
     ),
+    "kdpm2-exits-in-register": (
+        "exitsregister",
+        """
+        import sys
+        from kdpm2core import hookimpl
+
+        @hookimpl
+        def register_backends(register):
+            register("halfway", lambda: None)
+            sys.exit("no thanks")
+        """,
+    ),
     "kdpm2-bad-signature": (
         "badsig",
         """
@@ -188,6 +200,7 @@ def test_clean_environment_imports_no_framework(clean):
         ("raises", "kdpm2-raises-on-import", ["import failed", "plugin exploded while importing"]),
         ("exits", "kdpm2-exits-on-import", ["import failed", "SystemExit"]),
         ("badname", "kdpm2-bad-name", ["Bad Name!", "lowercase identifier"]),
+        ("exitsregister", "kdpm2-exits-in-register", ["register_backends raised", "no thanks"]),
         ("badsig", "kdpm2-bad-signature", ["register_backends"]),
     ],
 )
@@ -199,6 +212,7 @@ def test_plugin_failing_to_load_or_register_is_reported_and_skipped(broken, plug
         assert word in row["status"]
     assert any(w.startswith("PluginWarning:") and repr(plugin) in w and dist in w for w in broken["warnings"]), broken["warnings"]
     assert plugin not in broken["available"]
+    assert "halfway" not in broken["report"]  # nothing of a plugin that failed half-way is registered
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import diffusers_kdpm2, initial_noise, relative_error, synthetic_model
+from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, synthetic_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
@@ -266,3 +266,52 @@ def test_duplicate_timesteps_first_step_rule(backend_name):
                 out.append((to_host(sample).copy(), to_host(pred).copy()))
             assert scheduler.step_index == len(scheduler.timesteps)
         assert_trajectories_match(our_loop_, ref_loop)
+
+
+# ---- torch specifics -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_torch_half_precision_matches_diffusers(dtype_name):
+    """In float16 / bfloat16 both schedulers keep the dtype; each substep rounds to it, so after the 19
+    substeps of 10 steps they agree within 20 units of the dtype's epsilon (measured: about 2.5)."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch backend not installed")
+    dtype = getattr(torch, dtype_name)
+    eps = float(torch.finfo(dtype).eps)
+    ref, ours = diffusers_kdpm2(), KDPM2DiscreteScheduler(backend="torch")
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    noise = torch.from_numpy(initial_noise(SHAPE))
+    x_ref, x_ours = (noise * ref.init_noise_sigma).to(dtype), (noise * ours.init_noise_sigma).to(dtype)
+    for t_ref, t_ours in zip(ref.timesteps, ours.timesteps):
+        out = []
+        for scheduler, x, t in ((ref, x_ref, t_ref), (ours, x_ours, t_ours)):
+            model_input = scheduler.scale_model_input(x, t)
+            eps_out = torch.from_numpy(synthetic_model(model_input.float().numpy(), float(t))).to(dtype)
+            out.append(scheduler.step(eps_out, t, x))
+        x_ref, x_ours = out[0].prev_sample, out[1].prev_sample
+        assert x_ours.dtype == x_ref.dtype == out[1].pred_original_sample.dtype == dtype
+        assert relative_error(x_ours.float().numpy(), x_ref.float().numpy()) <= 20 * eps
+        pred_ours, pred_ref = out[1].pred_original_sample.float().numpy(), out[0].pred_original_sample.float().numpy()
+        assert relative_error(pred_ours, pred_ref) <= 20 * eps
+
+
+def test_index_for_timestep_with_torch_tensors():
+    """Pipelines pass torch tensors: 0-d or 1-element, float32 (ours), float64 or integer."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch backend not installed")
+    kw = _options(None, "scaled_linear", ("leading", 1), "epsilon")
+    ref, ours = diffusers_kdpm2(**kw), KDPM2DiscreteScheduler(**kw, backend="torch")
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    for index in (0, 4, 17, 18):
+        t = ours.timesteps[index]
+        expected = ref.index_for_timestep(ref.timesteps[index])
+        assert ours.index_for_timestep(t) == expected == index
+        assert ours.index_for_timestep(t.reshape(1)) == index
+        assert ours.index_for_timestep(t.double()) == index
+        assert ours.index_for_timestep(float(t)) == index
+    assert ours.index_for_timestep(torch.tensor(901)) == ref.index_for_timestep(torch.tensor(901)) == 0
+    assert ours.index_for_timestep(torch.tensor(1, dtype=torch.int32)) == ref.index_for_timestep(torch.tensor(1)) == 18
+    assert ours.index_for_timestep(ours.timesteps[4], schedule_timesteps=ours.timesteps[2:]) == 2
+    with pytest.raises(ValueError, match="single"):
+        ours.index_for_timestep(ours.timesteps[:2])

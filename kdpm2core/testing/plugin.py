@@ -32,6 +32,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "kdpm2_dtypes(*names): dtypes a kdpm2_case test runs with (default: all floating dtypes)"
     )
+    if config.getoption("kdpm2_backend", None):
+        _targets(config)  # a backend named on the command line that cannot load is a usage error, up front
 
 
 def _targets(config) -> list[Target]:

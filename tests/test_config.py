@@ -1,0 +1,218 @@
+"""The config: a read-only dict with attribute access that diffusers accepts, and diffusers-format JSON files.
+
+Checked against diffusers itself: its schedulers' configs load into ours, ours loads into its
+``KDPM2DiscreteScheduler``, and each side reads the other's ``scheduler_config.json``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from conftest import diffusers_kdpm2
+
+from kdpm2core import KDPM2DiscreteScheduler
+from kdpm2core.config import DEFAULTS, FrozenConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
+diffusers = pytest.importorskip("diffusers")
+from diffusers.configuration_utils import FrozenDict  # noqa: E402
+
+SETTINGS = {
+    "num_train_timesteps": 1200,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "use_karras_sigmas": True,
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+def settings_of(config) -> dict:
+    """The KDPM2 options of any scheduler config (ours, diffusers', a plain dict), trained betas as a list."""
+    out = {key: config[key] for key in DEFAULTS}
+    if out["trained_betas"] is not None:
+        out["trained_betas"] = [float(v) for v in out["trained_betas"]]
+    return out
+
+
+def expected_settings(**changes) -> dict:
+    return {**DEFAULTS, **SETTINGS, **changes}
+
+
+# ---- the mapping ---------------------------------------------------------------------------------------------
+def test_config_is_a_read_only_dict_with_attributes():
+    config = KDPM2DiscreteScheduler(**SETTINGS).config
+    assert isinstance(config, dict) and isinstance(config, FrozenConfig)
+    assert config.prediction_type == config["prediction_type"] == "v_prediction"
+    assert set(config) == set(DEFAULTS)
+    with pytest.raises(AttributeError, match="no_such_key"):
+        config.no_such_key
+    mutations = [
+        lambda: config.__setitem__("steps_offset", 2),
+        lambda: config.__delitem__("steps_offset"),
+        lambda: setattr(config, "steps_offset", 2),
+        lambda: config.update(steps_offset=2),
+        lambda: config.pop("steps_offset"),
+        lambda: config.popitem(),
+        lambda: config.setdefault("x", 1),
+        lambda: config.clear(),
+    ]
+    for mutate in mutations:
+        with pytest.raises(TypeError, match="read-only"):
+            mutate()
+    with pytest.raises(TypeError, match="read-only"):
+        config |= {"steps_offset": 2}
+    assert config["steps_offset"] == 1
+
+
+def test_config_copies_and_pickles_as_frozen_config():
+    config = KDPM2DiscreteScheduler(**SETTINGS, trained_betas=np.linspace(1e-4, 0.02, 1200)).config
+    for clone in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert type(clone) is FrozenConfig and clone == config
+        with pytest.raises(TypeError, match="read-only"):
+            clone["steps_offset"] = 3
+    assert dict(config) == config and type(dict(config)) is dict  # what pipelines do before patching
+
+
+# ---- from_config ---------------------------------------------------------------------------------------------
+def test_from_config_of_our_own_config_and_overrides():
+    original = KDPM2DiscreteScheduler(**SETTINGS)
+    again = KDPM2DiscreteScheduler.from_config(original.config)
+    assert settings_of(again.config) == expected_settings()
+    changed = KDPM2DiscreteScheduler.from_config(original.config, prediction_type="epsilon", backend="numpy")
+    assert settings_of(changed.config) == expected_settings(prediction_type="epsilon")
+    assert original.config.prediction_type == "v_prediction"  # the source is untouched
+
+
+def test_from_config_of_diffusers_kdpm2_config_gives_the_same_schedule():
+    ref = diffusers_kdpm2(**SETTINGS)
+    ours = KDPM2DiscreteScheduler.from_config(ref.config)
+    assert settings_of(ours.config) == settings_of(ref.config) == expected_settings()
+    ref.set_timesteps(15)
+    ours.set_timesteps(15)
+    np.testing.assert_array_equal(np.asarray(ours.timesteps)[0::2], ref.timesteps.numpy()[0::2].astype(np.float32))
+    np.testing.assert_allclose(np.asarray(ours.sigmas), ref.sigmas.numpy(), rtol=2**-23)
+
+
+@pytest.mark.parametrize(
+    "name", ["EulerDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"]
+)
+def test_from_config_of_other_diffusers_schedulers_ignores_their_keys_quietly(name):
+    other = getattr(diffusers, name)(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # their own keys (clip_sample, solver_order, ...) must not warn
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        ours = KDPM2DiscreteScheduler.from_config(other.config)
+    # keys the other scheduler left at its own defaults take ours, as in diffusers (Euler's beta_start is 1e-4)
+    defaulted = set(other.config.get("_use_default_values", ()))
+    assert {"beta_start", "beta_end"} <= defaulted
+    for key in DEFAULTS:
+        expected = DEFAULTS[key] if key in defaulted or key not in other.config else other.config[key]
+        assert ours.config[key] == expected, key
+    assert (ours.config.prediction_type, ours.config.steps_offset) == ("v_prediction", 1)
+    # and diffusers builds its KDPM2 from the same config to the same settings
+    assert settings_of(diffusers.KDPM2DiscreteScheduler.from_config(other.config).config) == settings_of(ours.config)
+
+
+def test_truly_unknown_keys_warn_and_name_the_key():
+    with pytest.warns(UserWarning, match="my_custom_knob"):
+        ours = KDPM2DiscreteScheduler.from_config({"my_custom_knob": 3, "clip_sample": False, "_private": 1})
+    assert "my_custom_knob" not in ours.config
+
+
+def test_diffusers_from_config_of_our_config_gets_the_same_settings():
+    ours = KDPM2DiscreteScheduler(**SETTINGS)
+    ref = diffusers.KDPM2DiscreteScheduler.from_config(ours.config)
+    assert settings_of(ref.config) == expected_settings()
+    ours_betas = KDPM2DiscreteScheduler(**SETTINGS, trained_betas=np.geomspace(1e-4, 0.02, 1200))
+    ref = diffusers.KDPM2DiscreteScheduler.from_config(ours_betas.config)
+    np.testing.assert_array_equal(ref.betas.numpy(), np.asarray(ours_betas.betas))
+
+
+def test_trained_betas_as_numpy_array():
+    betas = np.geomspace(1e-4, 0.02, 1000)
+    ours = KDPM2DiscreteScheduler.from_config({"trained_betas": betas})
+    ref = diffusers_kdpm2(trained_betas=betas)
+    assert isinstance(ours.config.trained_betas, tuple)  # hashable, immutable, JSON-friendly
+    np.testing.assert_array_equal(np.asarray(ours.betas), ref.betas.numpy())
+    np.testing.assert_array_equal(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy())
+    float32_betas = KDPM2DiscreteScheduler(trained_betas=betas.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(float32_betas.betas), betas.astype(np.float32))
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+def test_save_and_load_round_trip(tmp_path):
+    original = KDPM2DiscreteScheduler(**SETTINGS, trained_betas=np.geomspace(1e-4, 0.02, 1200), backend="numpy")
+    path = original.save_config(tmp_path / "a")
+    assert path.name == "scheduler_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["_class_name"] == "KDPM2DiscreteScheduler"
+    assert "backend" not in saved and "check_finite" not in saved
+    assert settings_of(KDPM2DiscreteScheduler.from_pretrained(tmp_path / "a").config) == settings_of(original.config)
+    original.save_pretrained(tmp_path / "model" / "scheduler")
+    loaded = KDPM2DiscreteScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler", backend="torch")
+    assert settings_of(loaded.config) == settings_of(original.config) and loaded.backend.name == "torch"
+    override = KDPM2DiscreteScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler", steps_offset=0)
+    assert override.config.steps_offset == 0
+
+
+def test_each_side_reads_the_others_files(tmp_path):
+    ref = diffusers.KDPM2DiscreteScheduler(**SETTINGS)
+    ref.save_config(tmp_path / "theirs")
+    ours = KDPM2DiscreteScheduler.from_pretrained(tmp_path / "theirs")
+    assert settings_of(ours.config) == expected_settings()
+    ours.save_config(tmp_path / "ours")
+    back = diffusers.KDPM2DiscreteScheduler.from_pretrained(tmp_path / "ours")
+    assert settings_of(back.config) == expected_settings()
+
+
+def test_loading_never_unpickles_or_evaluates(tmp_path, monkeypatch):
+    """A pickle, or strings that look like code, are rejected as data; nothing is ever executed."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loading a config must not unpickle or evaluate")
+
+    for name in ("eval", "exec", "compile"):
+        monkeypatch.setattr(builtins, name, forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "scheduler_config.json").write_bytes(pickle.dumps({"prediction_type": "epsilon"}))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        KDPM2DiscreteScheduler.from_pretrained(tmp_path / "pickled")
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": "__import__('os').getpid()"}))
+    with pytest.raises(TypeError, match="num_train_timesteps"):
+        KDPM2DiscreteScheduler.from_pretrained(tmp_path / "code")
+
+
+# ---- pipelines patch _internal_dict ---------------------------------------------------------------------------
+def test_pipeline_style_internal_dict_patch_is_followed():
+    """StableDiffusion pipelines replace ``scheduler._internal_dict`` with a patched FrozenDict (steps_offset=1
+    for legacy configs); the next set_timesteps must use it, as diffusers' scheduler does."""
+    ours = KDPM2DiscreteScheduler(timestep_spacing="leading", steps_offset=0)
+    ref = diffusers_kdpm2(timestep_spacing="leading", steps_offset=0)
+    for scheduler in (ours, ref):
+        patched = dict(scheduler.config)
+        patched["steps_offset"] = 1
+        scheduler._internal_dict = FrozenDict(patched)
+        scheduler.set_timesteps(10)
+    assert ours.config.steps_offset == 1
+    np.testing.assert_array_equal(np.asarray(ours.timesteps)[0::2], ref.timesteps.numpy()[0::2])
+    assert float(ours.timesteps[-1]) == 1.0  # leading spacing with offset 1 ends at t = 1
+    fresh = KDPM2DiscreteScheduler(timestep_spacing="leading", steps_offset=1)
+    fresh.set_timesteps(10)
+    np.testing.assert_array_equal(np.asarray(ours.timesteps), np.asarray(fresh.timesteps))
+    # a patch with a wrong type is reported at the next set_timesteps, naming the key
+    bad = dict(ours.config)
+    bad["steps_offset"] = "1"
+    ours._internal_dict = FrozenDict(bad)
+    with pytest.raises(TypeError, match="steps_offset"):
+        ours.set_timesteps(10)

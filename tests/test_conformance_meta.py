@@ -1,0 +1,125 @@
+"""Tests of the conformance suite itself: its reference, its helpers, and how a plugin author runs it."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kdpm2core.testing import cases
+from kdpm2core.testing.reference import Gaussian, sample_dpm2, substep_sigmas
+from kdpm2core.testing.support import Case, assert_close
+
+pytest_plugins = ["pytester"]
+
+
+def test_reference_is_second_order_on_the_gaussian():
+    """The independent reference itself converges at order 2 to the exact solution (errors from 8 to 64 steps)."""
+    gaussian = Gaussian(mu=-0.3, s0=1.3)
+    x_start = np.array([-4.0, 0.5, 9.0])
+    errors = []
+    for n in (8, 16, 32, 64):
+        sigmas = np.geomspace(30.0, 0.05, n + 1)
+        got = sample_dpm2(gaussian.denoiser, x_start, sigmas)
+        errors.append(np.max(np.abs(got - gaussian.solution(x_start, sigmas[0], sigmas[-1]))))
+    orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(abs(p - 2) < 0.15 for p in orders), orders
+
+
+def test_reference_final_step_to_zero_is_euler():
+    """Into sigma = 0 the reference takes one Euler step, which with the exact denoiser lands on D(x, sigma)."""
+    gaussian = Gaussian(mu=0.7, s0=0.4)
+    x = np.array([1.5, -2.0])
+    got = sample_dpm2(gaussian.denoiser, x, [2.0, 0.0])
+    np.testing.assert_allclose(got, gaussian.denoiser(x, 2.0), rtol=1e-15)
+    assert substep_sigmas([4.0, 1.0, 0.0]) == [4.0, 2.0, 1.0]
+
+
+def test_assert_close_reports_backend_dtype_combination_and_size():
+    from kdpm2core import get_backend
+
+    case = Case("numpy", "cpu", get_backend("numpy"), None, "float32")
+    x = case.array([1.0, 2.0, 3.0])
+    assert_close(x, [1.0, 2.0, 3.0], case, what="ok")
+    with pytest.raises(AssertionError) as info:
+        assert_close(x, [1.0, 2.5, 3.0], case, what="karras/epsilon substep 3")
+    message = str(info.value)
+    for part in ("backend=numpy", "device=cpu", "dtype=float32", "karras/epsilon substep 3", "max abs error 0.5", "index (1,)"):
+        assert part in message, (part, message)
+    with pytest.raises(AssertionError, match="dtype is float32, expected float64"):
+        assert_close(x, [1.0, 2.0, 3.0], case, what="dtype", dtype="float64")
+    with pytest.raises(AssertionError, match=r"shape is \(3,\), expected \(1, 3\)"):
+        assert_close(x, [[1.0, 2.0, 3.0]], case, what="shape")
+    with pytest.raises(AssertionError, match="not an array of backend 'numpy'"):
+        assert_close([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], case, what="namespace")
+
+
+def test_reference_data_is_compact_and_complete():
+    data = cases.load()
+    keys = [case["key"] for case in data["cases"]]
+    assert len(keys) == len(set(keys)) == 4 * 4 * 4 * 2 * 4
+    wanted = {key for key, _, _, with_trajectory in cases.grid() if with_trajectory}
+    assert {case["key"] for case in data["cases"] if "prev" in case["slices"]} == wanted and len(wanted) > 380
+    from importlib import resources
+
+    size = resources.files("kdpm2core.testing").joinpath("data", cases.DATA_FILE).stat().st_size
+    assert size < 2 * 1024 * 1024
+
+
+def test_matrix_comes_from_the_registry(pytester, monkeypatch):
+    """A newly installed plugin (a dist-info with a ``kdpm2`` entry point) joins the matrix with no edit to the
+    suite, and a dtype it lacks is listed as skipped with the reason."""
+    pytester.makepyfile(
+        kdpm2_numpy_copy="""
+        from kdpm2core import hookimpl
+
+        def make():
+            import array_api_compat.numpy
+            from kdpm2core.backend import ArrayAPIBackend
+            return ArrayAPIBackend("numpy-copy", array_api_compat.numpy)
+
+        @hookimpl
+        def register_backends(register):
+            register("numpy-copy", make, requires=("numpy",))
+        """,
+        test_matrix="""
+        def test_one(kdpm2_case):
+            assert kdpm2_case.backend.name == kdpm2_case.backend_name
+        """,
+    )
+    info = pytester.mkdir("kdpm2_numpy_copy-0.1.dist-info")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kdpm2-numpy-copy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kdpm2]\nnumpy-copy = kdpm2_numpy_copy\n")
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path), prepend=os.pathsep)
+    monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy,numpy-copy")
+    result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider", "-v")
+    result.stdout.fnmatch_lines(["*test_one?numpy-cpu-float64?*PASSED*", "*test_one?numpy-copy-cpu-float32?*PASSED*",
+                                 "*backend 'numpy-copy' has no bfloat16 dtype*"])
+    result.assert_outcomes(passed=6, skipped=2)
+
+
+def test_suite_runs_without_diffusers_torch_or_jax(tmp_path):
+    """What a plugin author sees: diffusers, torch and jax cannot even be imported, yet the suite collects
+    and passes on a backend that needs none of them."""
+    script = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("diffusers", "torch", "jax", "jaxlib"):
+                    raise ImportError(f"{name} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import kdpm2core.testing
+        rc = kdpm2core.testing.run("array-api-strict", ["-q", "-p", "no:randomly", "-k", "protocol or scheduler_api or exact"])
+        sys.exit(rc)
+        """
+    )
+    pytest.importorskip("kdpm2_array_api_strict")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "error" not in result.stdout.lower()

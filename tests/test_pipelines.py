@@ -1,0 +1,115 @@
+"""Real diffusers Stable Diffusion pipelines give the same images with our scheduler as with diffusers' own.
+
+The pipelines are tiny and randomly initialised (tests/tiny_pipelines.py, nothing downloaded); 10 steps.
+Bound: max abs pixel difference <= 1e-4 in float32 (the issue's).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+import tiny_pipelines as tiny  # noqa: E402
+from diffusers import (  # noqa: E402
+    KDPM2DiscreteScheduler as Reference,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+
+from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
+
+ATOL = 1e-4
+STEPS = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a small shared machine, torch's intra-op threads spin against each other: one thread runs these
+    tiny models ~40x faster. Both schedulers run under the same setting, so the comparison is unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny.tiny_components()
+
+
+@pytest.fixture(scope="module")
+def inpaint_components():
+    return tiny.inpaint_components()
+
+
+def ours_from(pipe, **overrides):
+    return KDPM2DiscreteScheduler.from_config(pipe.scheduler.config, backend="torch", **overrides)
+
+
+def compare(pipe, run, **overrides):
+    """Run ``run(pipe)`` with diffusers' KDPM2 (built from the pipeline's config) and with ours; returns the
+    max abs pixel difference and asserts the images are not trivially equal (blank, or NaN)."""
+    config = dict(pipe.scheduler.config)
+    pipe.scheduler = Reference.from_config(config, **overrides)
+    expected = run(pipe)
+    pipe.scheduler = KDPM2DiscreteScheduler.from_config(config, backend="torch", **overrides)
+    got = run(pipe)
+    assert np.all(np.isfinite(expected)) and expected.std() > 1e-3  # a real image, not a constant
+    assert got.shape == expected.shape
+    return float(np.abs(got - expected).max())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}], ids=["sd", "karras-v-trailing"])
+def test_txt2img(components, overrides):
+    pipe = StableDiffusionPipeline(**components)
+    assert compare(pipe, lambda p: tiny.txt2img(p, steps=STEPS), **overrides) <= ATOL
+
+
+def test_img2img(components):
+    pipe = StableDiffusionImg2ImgPipeline(**components)
+    assert compare(pipe, lambda p: tiny.img2img(p, steps=STEPS, strength=0.6)) <= ATOL
+
+
+def test_inpaint_nine_channel_unet(inpaint_components):
+    pipe = StableDiffusionInpaintPipeline(**inpaint_components)
+    assert compare(pipe, lambda p: tiny.inpaint(p, steps=STEPS, strength=0.8)) <= ATOL
+
+
+def test_inpaint_four_channel_unet_calls_add_noise_mid_loop(components):
+    """With a 4-channel UNet the inpainting pipeline re-noises the kept region after every step with
+    ``add_noise(image_latents, noise, [next timestep])``: the path where begin_index is set and step_index
+    is not None."""
+    pipe = StableDiffusionInpaintPipeline(**components)
+    calls = []
+    original = KDPM2DiscreteScheduler.add_noise
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.step_index)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KDPM2DiscreteScheduler, "add_noise", spy)
+        assert compare(pipe, lambda p: tiny.inpaint(p, steps=STEPS, strength=0.8)) <= ATOL
+    assert len(calls) > 2 and any(index is not None for index in calls)
+
+
+def test_pipeline_patches_steps_offset_of_a_legacy_config(components):
+    """Built with a scheduler whose config has steps_offset=0, the pipeline replaces the scheduler's
+    ``_internal_dict`` with a patched copy (steps_offset=1); ours must follow it like diffusers' does."""
+    legacy = dict(tiny.SCHEDULER_CONFIG, steps_offset=0, timestep_spacing="leading")
+    images = []
+    for scheduler in (Reference(**legacy), KDPM2DiscreteScheduler(**legacy, backend="torch")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = StableDiffusionPipeline(**{**components, "scheduler": scheduler})
+        assert pipe.scheduler is scheduler and scheduler.config.steps_offset == 1  # the patch happened
+        images.append(tiny.txt2img(pipe, steps=STEPS))
+        assert float(scheduler.timesteps[-1]) == 1.0  # leading spacing ends at steps_offset
+    assert np.abs(images[0] - images[1]).max() <= ATOL
