@@ -39,7 +39,7 @@ STEPS = 25
 
 # -- timing helpers -----------------------------------------------------------------------------------------------
 def interleaved(functions: dict, repeats: int) -> dict:
-    """Median seconds of each zero-argument function, called in turn ``repeats`` times (after one warm-up)."""
+    """Seconds of each zero-argument function, called in turn ``repeats`` times (after one warm-up)."""
     for fn in functions.values():
         fn()
     times = {name: [] for name in functions}
@@ -48,21 +48,24 @@ def interleaved(functions: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def row(name, ours, reference, target=None, *, unit="ms", scale=1e3, kind="max", note=""):
-    ratio = ours / reference
+def row(name, ours: list, reference: list, target=None, *, unit="ms", scale=1e3, kind="max", note=""):
+    """A table row from repeated timings of ours and of the reference: the ratio of their medians."""
+    ratio = statistics.median(ours) / statistics.median(reference)
     ok = None if target is None else (ratio <= target if kind == "max" else ratio >= target)
     return {
         "benchmark": name,
-        "ours": ours * scale,
-        "reference": reference * scale,
+        "ours": statistics.median(ours) * scale,
+        "reference": statistics.median(reference) * scale,
         "unit": unit,
         "ratio": ratio,
+        "ratio_of_minima": min(ours) / min(reference),  # the least disturbed runs: a check on machine load
         "target": None if target is None else f"{'<=' if kind == 'max' else '>='} {target}",
         "ok": ok,
         "note": note,
+        "repeats": len(ours),
     }
 
 
@@ -103,9 +106,13 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
     calls = {"ours": loop(ours, substeps), "diffusers": loop(theirs, substeps)}
     if floor:
         calls["ours step only"] = loop(ours, substeps, scale=False)
-        calls["floor"] = copies(shape, device, substeps)
-    medians = _loop_medians(calls, repeats)
-    per = {name: value / substeps for name, value in medians.items()}
+        calls["floor torch"] = copies(shape, device, substeps, "torch")
+        if device == "cpu":
+            calls["floor numpy"] = copies(shape, device, substeps, "numpy")
+    times = _loop_times(calls, repeats)
+    per = {name: [value / substeps for value in values] for name, values in times.items()}
+    if floor:  # the machine's copy bandwidth: the faster copy of each round
+        per["floor"] = [min(values) for values in zip(*(per[name] for name in calls if name.startswith("floor")))]
     target = 0.25 if big else 0.33
     rows = [row(f"substep ({label}, {device})", per["ours"], per["diffusers"], target, note="scale_model_input + step")]
     if floor:
@@ -114,28 +121,35 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
     return rows
 
 
-def copies(shape, device, substeps):
-    """The memory floor of ``substeps`` substeps: two array copies each (a copy reads one array, writes one),
-    timed in the same interleaved rounds as the schedulers so that machine load falls on both alike."""
+def copies(shape, device, substeps, how):
+    """The memory floor of ``substeps`` substeps: two array copies each (a copy reads one array, writes one)
+    with torch's ``copy_`` or NumPy's ``copyto``, timed in the same interleaved rounds as the schedulers so
+    that machine load falls on both alike."""
     import torch
 
     sources = [torch.randn(shape, device=device) for _ in range(2)]
     targets = [torch.empty(shape, device=device) for _ in range(2)]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if how == "numpy":
+        sources, targets = [t.numpy() for t in sources], [t.numpy() for t in targets]
 
     def run():
         sync()
         start = time.perf_counter()
         for _ in range(substeps):
             for source, target in zip(sources, targets):
-                target.copy_(source)
+                if how == "numpy":
+                    np.copyto(target, source)
+                else:
+                    target.copy_(source)
         sync()
         run.elapsed = time.perf_counter() - start
 
     return run
 
 
-def _loop_medians(calls: dict, repeats: int) -> dict:
+def _loop_times(calls: dict, repeats: int) -> dict:
+    """Like :func:`interleaved`, for callables that time their own loop (into ``fn.elapsed``)."""
     for fn in calls.values():
         fn()
     times = {name: [] for name in calls}
@@ -143,10 +157,9 @@ def _loop_medians(calls: dict, repeats: int) -> dict:
         for name, fn in calls.items():
             fn()
             times[name].append(fn.elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-# -- set_timesteps and cold start ------------------------------------------------------------------------------------
 def set_timesteps_row(repeats) -> dict:
     from diffusers import KDPM2DiscreteScheduler as Diffusers
 
@@ -154,8 +167,8 @@ def set_timesteps_row(repeats) -> dict:
 
     ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch", use_karras_sigmas=True)
     theirs = Diffusers(use_karras_sigmas=True)
-    medians = interleaved({"ours": lambda: ours.set_timesteps(1000), "diffusers": lambda: theirs.set_timesteps(1000)}, repeats)
-    return row("set_timesteps(1000), Karras", medians["ours"], medians["diffusers"], 0.1)
+    times = interleaved({"ours": lambda: ours.set_timesteps(1000), "diffusers": lambda: theirs.set_timesteps(1000)}, repeats)
+    return row("set_timesteps(1000), Karras", times["ours"], times["diffusers"], 0.1)
 
 
 OURS_COLD = (
@@ -172,8 +185,8 @@ def cold_start_row(repeats) -> dict:
 
         return run
 
-    medians = interleaved({"ours": command(OURS_COLD), "diffusers": command(DIFFUSERS_COLD)}, repeats)
-    return row("cold start (new interpreter)", medians["ours"], medians["diffusers"], 0.15, unit="s", scale=1.0, note="ours imports neither torch nor jax")
+    times = interleaved({"ours": command(OURS_COLD), "diffusers": command(DIFFUSERS_COLD)}, repeats)
+    return row("cold start (new interpreter)", times["ours"], times["diffusers"], 0.15, unit="s", scale=1.0, note="ours imports neither torch nor jax")
 
 
 # -- JAX: jitted whole loop against the eager stateful loop -------------------------------------------------------------
@@ -202,10 +215,10 @@ def jax_row(repeats, device=None) -> dict:
             x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
         x.block_until_ready()
 
-    medians = interleaved({"jit": compiled, "eager": eager}, repeats)
+    times = interleaved({"jit": compiled, "eager": eager}, repeats)
     platform_name = jax.devices()[0].platform
     # reported as eager / jit: a speed-up, to be at least 5
-    return row(f"jax loop speed-up, 1x4x32x32 ({platform_name})", medians["eager"], medians["jit"], 5, kind="min", note="eager stateful time / jitted sample time")
+    return row(f"jax loop speed-up, 1x4x32x32 ({platform_name})", times["eager"], times["jit"], 5, kind="min", note="eager stateful time / jitted sample time")
 
 
 # -- machine and output --------------------------------------------------------------------------------------------
@@ -244,13 +257,14 @@ def _cpu_name() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    header = f"{'benchmark':44} {'ours':>11} {'diffusers/ref':>13} {'ratio':>7} {'target':>8}  ok"
+    """The rows as one text table: medians, their ratio, the ratio of the minima, the target."""
+    header = f"{'benchmark':40} {'ours':>11} {'diffusers/ref':>13} {'ratio':>7} {'(minima)':>9} {'target':>8}  ok"
     lines = [header, "-" * len(header)]
     for r in rows:
         ok = "" if r["ok"] is None else ("yes" if r["ok"] else "NO")
         lines.append(
-            f"{r['benchmark']:44} {r['ours']:>8.3f} {r['unit']:2} {r['reference']:>10.3f} {r['unit']:2} "
-            f"{r['ratio']:>7.3f} {r['target'] or '':>8}  {ok}"
+            f"{r['benchmark']:40} {r['ours']:>8.3f} {r['unit']:2} {r['reference']:>10.3f} {r['unit']:2} "
+            f"{r['ratio']:>7.3f} {r['ratio_of_minima']:>9.3f} {r['target'] or '':>8}  {ok}"
         )
     return "\n".join(lines)
 
@@ -260,9 +274,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device of the substep rows (default cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run; noisier figures)")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the torch rows (default: torch's)")
     parser.add_argument("--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"])
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 9
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     rows = []
     try:

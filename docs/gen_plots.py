@@ -55,7 +55,9 @@ FIGURES = {
         "use_beta_sigmas": scheduler(use_beta_sigmas=True),
     },
     "timestep_spacing.png": {name: scheduler(timestep_spacing=name) for name in ("linspace", "leading", "trailing")},
-    "steps_offset.png": {f"leading, steps_offset {n}": scheduler(timestep_spacing="leading", steps_offset=n) for n in (0, 1, 50)},
+    "steps_offset.png": {
+        f"leading, steps_offset {n}": scheduler(timestep_spacing="leading", steps_offset=n) for n in (0, 1, 50)
+    },
     "custom_sigmas.png": {
         "10 default steps": scheduler(),
         "sigmas=[14.6, 8, 4, 2, 1, 0.5, 0.1, 0]": scheduler(sigmas=[14.6, 8, 4, 2, 1, 0.5, 0.1, 0]),

@@ -176,7 +176,10 @@ class ArrayAPIBackend:
         pred = self.lincomb(((p, sample), (q, model_output)))
         if out is None:
             return prev, pred
-        return _copy_into(self.xp, out[0], prev), _copy_into(self.xp, out[1], pred)
+        if not self.inplace:  # immutable arrays (JAX) cannot be written into: the buffers go unused
+            return prev, pred
+        out[0][...], out[1][...] = prev, pred
+        return out[0], out[1]
 
     # -- loops ------------------------------------------------------------------------------------------------
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -195,13 +198,6 @@ CHUNK = 1 << 15
 def _accepts_out(xp) -> bool:
     """Whether ``xp``'s arithmetic are NumPy ufuncs (they write into ``out=`` without temporaries)."""
     return isinstance(getattr(xp, "multiply", None), np.ufunc) and isinstance(getattr(xp, "add", None), np.ufunc)
-
-
-def _copy_into(xp, buffer, value):
-    if not getattr(xp, "__name__", "").startswith("jax"):
-        buffer[...] = value
-        return buffer
-    return value  # immutable arrays (JAX) cannot be written into; the buffer is unused
 
 
 def _ufunc_combine(dst, terms) -> None:

@@ -18,7 +18,9 @@ is written last: a checkpoint torn by a crash while saving, or edited by hand, f
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -224,8 +226,6 @@ def _write_array(path: Path, backend, x) -> dict:
 
 
 def _npy_bytes(host: np.ndarray) -> bytes:
-    import io
-
     out = io.BytesIO()
     np.save(out, host, allow_pickle=False)
     return out.getvalue()
@@ -251,19 +251,17 @@ def _read_array(path: Path, backend, entry, device):
         raise ValueError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(sorted(_DTYPES))}")
     try:
         host_dtype = np.dtype(entry["host_dtype"])
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a NumPy dtype") from None
     if host_dtype.kind not in "biufc":
         raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a numeric dtype")
     # the size is known before reading: a tampered header cannot make us allocate more
-    expected = int(np.prod(shape, dtype=np.int64)) * host_dtype.itemsize
+    expected = math.prod(shape) * host_dtype.itemsize  # Python integers: a huge shape cannot overflow
     if not path.is_file():
         raise FileNotFoundError(f"{where} is missing from {str(path.parent)!r}")
     data = path.read_bytes() if path.stat().st_size <= expected + 65536 else None
     if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{where} does not match the SHA-256 in {STATE_FILE}: torn by a crash while saving, or edited")
-    import io
-
     try:
         host = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

@@ -58,15 +58,13 @@ class Kdpm2Group(click.Group):
         except click.ClickException as exc:
             where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "kdpm2"
             message = " ".join(exc.format_message().split())
-            hint = f" (see '{where} --help')" if isinstance(exc, click.UsageError) and not isinstance(exc, UserError) else ""
+            ours = isinstance(exc, UserError)  # our messages say what to fix; click's own get a pointer to --help
+            hint = f" (see '{where} --help')" if isinstance(exc, click.UsageError) and not ours else ""
             click.echo(f"{where}: error: {message}{hint}", err=True)
             code = exc.exit_code
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("kdpm2: interrupted", err=True)
             code = 130
-        except BrokenPipeError:  # e.g. ``kdpm2 schedule | head``
-            sys.stderr.close()
-            code = 0
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -96,16 +94,25 @@ def _json_default(value):
 def scheduler_options(command):
     """The scheduler's configuration as command-line options."""
     options = [
-        click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Number of sampling steps (two model calls each, one for the last)."),
-        click.option("--sigmas", "sigma_family", type=click.Choice(SIGMA_FAMILIES), default="default", show_default=True, help="Sigma family: interpolated from training (default), Karras, exponential or beta."),
-        click.option("--spacing", type=click.Choice(CHOICES["timestep_spacing"]), default="linspace", show_default=True, help="Timestep spacing."),
-        click.option("--prediction-type", type=click.Choice(CHOICES["prediction_type"]), default="epsilon", show_default=True, help="What the model predicts."),
-        click.option("--beta-schedule", type=click.Choice(CHOICES["beta_schedule"]), default="linear", show_default=True, help="Training beta schedule."),
+        click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1),
+                     help="Number of sampling steps (two model calls each, one for the last)."),
+        click.option("--sigmas", "sigma_family", type=click.Choice(SIGMA_FAMILIES), default="default",
+                     show_default=True,
+                     help="Sigma family: interpolated from training (default), Karras, exponential or beta."),
+        click.option("--spacing", type=click.Choice(CHOICES["timestep_spacing"]), default="linspace", show_default=True,
+                     help="Timestep spacing."),
+        click.option("--prediction-type", type=click.Choice(CHOICES["prediction_type"]), default="epsilon",
+                     show_default=True, help="What the model predicts."),
+        click.option("--beta-schedule", type=click.Choice(CHOICES["beta_schedule"]), default="linear",
+                     show_default=True, help="Training beta schedule."),
         click.option("--beta-start", type=float, default=None, help="First training beta [scheduler default 0.00085]."),
         click.option("--beta-end", type=float, default=None, help="Last training beta [scheduler default 0.012]."),
-        click.option("--num-train-timesteps", type=click.IntRange(min=1), default=None, help="Training timesteps [scheduler default 1000]."),
-        click.option("--steps-offset", type=click.IntRange(min=0), default=None, help="Offset added to 'leading' timesteps [default 0]."),
-        click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0", help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
+        click.option("--num-train-timesteps", type=click.IntRange(min=1), default=None,
+                     help="Training timesteps [scheduler default 1000]."),
+        click.option("--steps-offset", type=click.IntRange(min=0), default=None,
+                     help="Offset added to 'leading' timesteps [default 0]."),
+        click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0",
+                     help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -155,8 +162,9 @@ def _describe_schedule(scheduler) -> str:
     config = scheduler.config
     family = next((name for name in SIGMA_FAMILIES[1:] if config.get(f"use_{name}_sigmas")), "default")
     return (
-        f"sigma {sigmas[0]:.4g} -> {sigmas[sigmas > 0].min():.4g} -> {sigmas[-1]:.4g}, {config.timestep_spacing} spacing, "
-        f"{family} sigmas, {config.beta_schedule} betas, {config.prediction_type} prediction"
+        f"sigma {sigmas[0]:.4g} -> {sigmas[sigmas > 0].min():.4g} -> {sigmas[-1]:.4g}, "
+        f"{config.timestep_spacing} spacing, {family} sigmas, {config.beta_schedule} betas, "
+        f"{config.prediction_type} prediction"
     )
 
 
@@ -171,7 +179,9 @@ def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict):
         try:  # the device and dtype together, e.g. "cuda" on a machine without CUDA
             backend.asarray(np.zeros(1), dtype=backend.dtype(dtype), device=placed)
         except Exception as exc:  # torch raises RuntimeError or AssertionError here, other frameworks their own
-            raise ValueError(f"--device {device!r} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}") from None
+            raise ValueError(
+                f"--device {device!r} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}"
+            ) from None
     scheduler = _make_scheduler(opts, backend_name, placed)
     return backend, placed, scheduler
 
@@ -183,9 +193,11 @@ def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples
     for name in toys:
         _reset(scheduler, opts, placed)  # fresh scheduler state for each toy
         label = f"{name} on {scheduler.backend.name}"
-        with tqdm(total=scheduler.timesteps.shape[0], desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
+        total = scheduler.timesteps.shape[0]
+        with tqdm(total=total, desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
             results[name] = toy.run(
-                name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device, callback=lambda _: bar.update()
+                name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device,
+                callback=lambda _: bar.update(),
             )
     return results
 
@@ -224,12 +236,25 @@ def _summary_lines(name: str, result: dict) -> str:
     )
 
 
+def _compare_figures(row: dict) -> list[str]:
+    if row["status"] != "ok":
+        return ["-"] * 5
+    return [
+        f"{row['wall_time_s']:.3f} s",
+        f"{row['max_diff_mixture']:.2e}",
+        f"{row['max_diff_gaussian']:.2e}",
+        f"{row['gaussian_error']:.2e}",
+        f"{100 * row['within_3_std']:.1f}%",
+    ]
+
+
 def _public(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "samples"}
 
 
 # -- commands --------------------------------------------------------------------------------------------------
-@click.group(name="kdpm2", cls=Kdpm2Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="kdpm2", cls=Kdpm2Group, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdpm2")
 @click.pass_context
 def cli(ctx):
@@ -244,11 +269,13 @@ def backends(as_json):
     """List the registered backends: version, devices, float64 support, distribution and status."""
     rows = []
     for row in backend_report():
-        info = {"name": row["name"], "version": None, "devices": [], "float64": None, "distribution": row["distribution"], "status": row["status"]}
+        info = {"name": row["name"], "version": None, "devices": [], "float64": None,
+                "distribution": row["distribution"], "status": row["status"]}
         if row["status"] == "ok":
             try:
                 backend = get_backend(row["name"])
-                info.update(version=_framework_version(backend, row["name"]), devices=list(backend.devices()), float64=bool(backend.float64))
+                info.update(version=_framework_version(backend, row["name"]), devices=list(backend.devices()),
+                            float64=bool(backend.float64))
             except Exception as exc:  # a broken third-party backend is a row of the table, not a crash
                 info["status"] = f"failed: {exc}"
         rows.append(info)
@@ -257,21 +284,26 @@ def backends(as_json):
         return
     yes_no = {True: "yes", False: "no", None: "-"}
     table = [
-        [r["name"], r["version"] or "-", ", ".join(r["devices"]) or "-", yes_no[r["float64"]], r["distribution"] or "-", r["status"]]
+        [r["name"], r["version"] or "-", ", ".join(r["devices"]) or "-", yes_no[r["float64"]],
+         r["distribution"] or "-", r["status"]]
         for r in rows
     ]
     click.echo(_table(["backend", "version", "devices", "float64", "distribution", "status"], table))
 
 
 @cli.command(short_help="Sample toy models with an exact denoiser.")
-@click.option("--backend", "backend_name", default="numpy", show_default=True, help="Registered backend name (see 'kdpm2 backends').")
+@click.option("--backend", "backend_name", default="numpy", show_default=True,
+              help="Registered backend name (see 'kdpm2 backends').")
 @click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True, help="Points per toy.")
-@click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True, help="Which toy model.")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Points per toy.")
+@click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True,
+              help="Which toy model.")
 @scheduler_options
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a PNG: samples over the density, and the sigma schedule.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG: samples over the density, and the sigma schedule.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: on a terminal].")
 def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_json, progress, **opts):
@@ -282,7 +314,8 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
         progress = sys.stderr.isatty()
     start = time.perf_counter()
     results = _run_toys(
-        scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples, progress=progress
+        scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples,
+        progress=progress,
     )
     wall = time.perf_counter() - start
     if plot:
@@ -319,7 +352,8 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
 @click.option("--device", default=None, help="Device for every backend [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True, help="Points per toy.")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Points per toy.")
 @scheduler_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def compare(names, device, dtype, seed, num_samples, as_json, **opts):
@@ -356,24 +390,22 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
         rows.append(row)
     failed = any(row["status"].startswith("failed") for row in rows)
     if as_json:
-        _emit_json({"dtype": dtype, "seed": seed, "samples": num_samples, "config": _config_from(opts), "backends": rows})
+        _emit_json({"dtype": dtype, "seed": seed, "samples": num_samples, "config": _config_from(opts),
+                    "backends": rows})
     else:
-        click.echo(f"{num_samples} points per toy, {dtype}, seed {seed}; differences are max |x - x_numpy| over all coordinates")
-        table = [
-            [r["backend"], r["status"]]
-            + ([f"{r['wall_time_s']:.3f} s", f"{r['max_diff_mixture']:.2e}", f"{r['max_diff_gaussian']:.2e}", f"{r['gaussian_error']:.2e}", f"{100 * r['within_3_std']:.1f}%"]
-               if r["status"] == "ok" else ["-"] * 5)
-            for r in rows
-        ]
-        headers = ["backend", "status", "time", "max diff mixture", "max diff gaussian", "gaussian error", "within 3 std"]
-        click.echo(_table(headers, table))
+        click.echo(f"{num_samples} points per toy, {dtype}, seed {seed}; "
+                   "differences are max |x - x_numpy| over all coordinates")
+        headers = ["backend", "status", "time", "max diff mixture", "max diff gaussian", "gaussian error",
+                   "within 3 std"]
+        click.echo(_table(headers, [[r["backend"], r["status"], *_compare_figures(r)] for r in rows]))
     if failed:
         sys.exit(1)
 
 
 @cli.command(short_help="Timesteps and sigmas of a schedule.")
 @scheduler_options
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a PNG of the timesteps and sigmas.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG of the timesteps and sigmas.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def schedule(plot, as_json, **opts):
     """Print the timesteps and sigmas of a schedule: one row per substep (model call)."""
@@ -393,9 +425,13 @@ def schedule(plot, as_json, **opts):
             "plot": plot,
         })
         return
-    click.echo(f"{scheduler.num_inference_steps} steps, {len(timesteps)} substeps; init_noise_sigma {scheduler.init_noise_sigma:.6g}")
+    click.echo(f"{scheduler.num_inference_steps} steps, {len(timesteps)} substeps; "
+               f"init_noise_sigma {scheduler.init_noise_sigma:.6g}")
     click.echo(f"schedule: {_describe_schedule(scheduler)}")
-    rows = [[k, k // 2, "euler" if k % 2 == 0 else "midpoint", f"{t:.4f}", f"{s:.6g}"] for k, (t, s) in enumerate(zip(timesteps, sigmas))]
+    rows = [
+        [k, k // 2, "euler" if k % 2 == 0 else "midpoint", f"{t:.4f}", f"{s:.6g}"]
+        for k, (t, s) in enumerate(zip(timesteps, sigmas))
+    ]
     click.echo(_table(["substep", "step", "kind", "timestep", "sigma"], rows))
     if plot:
         click.echo(f"plot written to {plot}")

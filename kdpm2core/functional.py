@@ -32,6 +32,8 @@ Design notes:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -149,8 +151,14 @@ def make_plan(
             raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
         if (num_inference_steps is None) == (sigmas is None):
             raise ValueError("pass exactly one of num_inference_steps and sigmas")
-        if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if num_inference_steps is not None:
+            try:
+                count = operator.index(num_inference_steps)
+            except TypeError:
+                raise TypeError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}") from None
+            if isinstance(num_inference_steps, bool) or count < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+            num_inference_steps = count
         validated = _config.validate_config(options)
         base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
         backend = get_backend(backend)
@@ -164,7 +172,7 @@ def make_plan(
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> tuple:
     values = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise TypeError(f"{name} must be a real number, got {value!r}")
     if s_churn < 0 or not math.isfinite(s_churn):
         raise ValueError(f"s_churn must be finite and >= 0, got {s_churn!r}")

@@ -264,10 +264,15 @@ class KDPM2DiscreteScheduler:
             raise TypeError(f"timestep must be a number or an array, got {type(value).__name__}") from None
 
     def _init_step_index(self, timestep) -> None:
-        if self._begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
+        if self._begin_index is not None:
             self._step_index = self._begin_index
+            return
+        index = self.index_for_timestep(timestep)
+        if self._rows[index][0]:
+            # the duplicate rule landed on a midpoint substep (sigmas above the training range clamp a step and
+            # its midpoint to the same timestep), which cannot start a loop: start at its Euler half instead
+            index = int(np.flatnonzero(self._host_timesteps == self._host_timesteps[index])[0])
+        self._step_index = index
 
     def _current_row(self, timestep) -> int:
         if self._step_index is None:
@@ -393,6 +398,11 @@ class KDPM2DiscreteScheduler:
             isinstance(sigmas, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas)
         ):
             raise TypeError("state['schedule']['sigmas'] must be null or a list of numbers")
+        for key in ("num_inference_steps", "num_train_timesteps"):  # a tampered state must not exhaust memory
+            if isinstance(schedule[key], int) and schedule[key] > _config.MAX_TRAIN_TIMESTEPS:
+                raise ValueError(f"state['schedule'][{key!r}] must be at most {_config.MAX_TRAIN_TIMESTEPS}, got {schedule[key]}")
+        if sigmas is not None and len(sigmas) > _config.MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"state['schedule']['sigmas'] must have at most {_config.MAX_TRAIN_TIMESTEPS} values")
         known = {key: value for key, value in config.items() if key in _config.DEFAULTS}
         fresh = type(self)(**_config.validate_config(known), backend=self._backend, check_finite=self.check_finite)
         fresh.set_timesteps(schedule["num_inference_steps"], device, schedule["num_train_timesteps"], sigmas=sigmas)

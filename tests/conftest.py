@@ -5,6 +5,8 @@ diffusers is a test-only dependency: the files that compare against it import it
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,18 @@ import kdpm2core
 
 # the first-party backends that are installed here; each parity test runs once per entry
 BACKENDS = [name for name in ("numpy", "torch", "jax") if name in kdpm2core.available_backends()]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run torch, once some test module has imported it, with one intra-op thread: on a small machine whose
+    cores are shared, torch's worker threads spin against each other and the small tensors of these tests
+    run 5-40x slower with two threads than with one. No result depends on it (each comparison runs both
+    sides under the same setting), and torch is never imported just for this."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(params=BACKENDS)

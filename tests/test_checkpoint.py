@@ -229,6 +229,7 @@ def test_state_dict_round_trip_keeps_custom_schedule(tmp_path):
         (lambda m: m.update(stored=None), ValueError, ["midpoint", "stored sample"]),
         (lambda m: m["state"]["schedule"].update(num_inference_steps=5), ValueError, ["schedule", "differs"]),
         (lambda m: m["state"]["schedule"].update(num_inference_steps="4"), TypeError, ["num_inference_steps"]),
+        (lambda m: m["state"]["schedule"].update(num_inference_steps=10**12), ValueError, ["num_inference_steps", "at most"]),
         (lambda m: m["state"]["schedule"].update(sigmas=["14", "0"]), TypeError, ["sigmas"]),
         (lambda m: m["state"]["config"].update(prediction_type="v_prediction"), ValueError, ["differs"]),
         (lambda m: m["state"]["config"].update(prediction_type=3), TypeError, ["prediction_type"]),
@@ -242,6 +243,8 @@ def test_state_dict_round_trip_keeps_custom_schedule(tmp_path):
         (lambda m: m.update(backend="no-such-backend"), LookupError, ["no-such-backend"]),
         (lambda m: m["arrays"]["sample"].update(shape=[4, 3]), ValueError, ["sample.npy", "[4, 3]"]),
         (lambda m: m["arrays"]["sample"].update(shape=[3, -4]), TypeError, ["shape"]),
+        (lambda m: m["arrays"]["sample"].update(shape=[10**30, 10**30]), ValueError, ["sample.npy"]),
+        (lambda m: m["arrays"]["sample"].update(host_dtype="i4,i4"), ValueError, ["host_dtype"]),
         (lambda m: m["arrays"]["sample"].update(dtype="sum"), ValueError, ["dtype", "'sum'"]),
         (lambda m: m["arrays"]["sample"].update(host_dtype="|O"), ValueError, ["host_dtype"]),
         (lambda m: m["arrays"]["sample"].update(sha256="0" * 64), ValueError, ["SHA-256"]),
@@ -405,7 +408,7 @@ def test_any_edit_of_the_manifest_loads_or_fails_clearly(tmp_path_factory):
     original = json.loads((directory / STATE_FILE).read_text())
     paths = [p for p in _paths(original) if p]
     replacement = st.recursive(
-        st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+        st.none() | st.booleans() | st.integers(-5, 10**6) | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
         max_leaves=5,
     )

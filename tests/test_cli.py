@@ -53,13 +53,15 @@ def test_sample_without_arguments_says_what_it_did_and_lands_on_the_truth():
 
 
 def test_gaussian_error_shrinks_at_second_order():
-    errors = [invoke_json("sample", "--toy", "gaussian", "--dtype", "float64", "--steps", str(n))["results"]["gaussian"]["max_error"] for n in (20, 40)]
+    runs = [invoke_json("sample", "--toy", "gaussian", "--dtype", "float64", "--steps", str(n)) for n in (20, 40)]
+    errors = [run["results"]["gaussian"]["max_error"] for run in runs]
     # a second-order method divides the error by ~4 when the steps double; a first-order one only by 2
     assert errors[0] / errors[1] > 2.8, errors
 
 
 def test_mixture_points_land_on_the_modes():
-    result = invoke_json("sample", "--toy", "mixture", "--sigmas", "karras", "--steps", "40", "--samples", "4000")["results"]["mixture"]
+    data = invoke_json("sample", "--toy", "mixture", "--sigmas", "karras", "--steps", "40", "--samples", "4000")
+    result = data["results"]["mixture"]
     assert result["modes_hit"] == result["modes"] == 8
     assert abs(result["within_3_std"] - EXACT_WITHIN_3_STD) < 0.01
     assert abs(result["mean_distance_to_mode"] - EXACT_MEAN_DISTANCE) < 0.1 * EXACT_MEAN_DISTANCE
@@ -67,8 +69,10 @@ def test_mixture_points_land_on_the_modes():
 
 def test_sample_json_has_the_run_and_the_results():
     data = invoke_json("sample", "--steps", "6", "--seed", "3", "--samples", "100", "--sigmas", "exponential")
-    assert {"backend", "version", "device", "dtype", "steps", "model_calls", "seed", "config", "sigmas", "results", "wall_time_s"} <= set(data)
-    assert (data["backend"], data["dtype"], data["steps"], data["model_calls"], data["seed"]) == ("numpy", "float32", 6, 11, 3)
+    keys = {"backend", "version", "device", "dtype", "steps", "model_calls", "seed", "config", "sigmas", "results"}
+    assert keys | {"wall_time_s"} <= set(data)
+    run = (data["backend"], data["dtype"], data["steps"], data["model_calls"], data["seed"])
+    assert run == ("numpy", "float32", 6, 11, 3)
     assert data["config"]["use_exponential_sigmas"] is True
     assert len(data["sigmas"]) == 11 and set(data["results"]) == {"mixture", "gaussian"}
     assert all(math.isfinite(data["results"]["gaussian"][key]) for key in ("max_error", "mean_error"))
@@ -96,16 +100,48 @@ def test_sample_plot_is_a_png(tmp_path):
 
 @pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
 def test_sample_on_torch_matches_numpy():
-    numpy_run, torch_run = (invoke_json("sample", "--backend", name, "--dtype", "float64", "--steps", "5", "--samples", "100") for name in ("numpy", "torch"))
+    numpy_run, torch_run = (
+        invoke_json("sample", "--backend", name, "--dtype", "float64", "--steps", "5", "--samples", "100")
+        for name in ("numpy", "torch")
+    )
     assert torch_run["backend"] == "torch"
     for name in ("mixture", "gaussian"):
         for key in ("within_3_std", "mean_distance_to_mode"):
             assert torch_run["results"][name][key] == pytest.approx(numpy_run["results"][name][key], rel=1e-9, abs=1e-12)
 
 
+# -- the toys' exact denoiser and flow ---------------------------------------------------------------------------
+def test_mixture_denoiser_is_the_posterior_weighted_mean_of_component_denoisers():
+    from kdpm2core import get_backend
+
+    mixture, sigma = toy.TOYS["mixture"], 1.7
+    x = np.random.default_rng(1).standard_normal((50, 2)) * 3
+    variances = mixture.stds**2 + sigma**2
+    # the textbook form: w_k N(x; mu_k, v_k I), normalised, times (s_k^2 x + sigma^2 mu_k) / v_k
+    density = mixture.weights * np.exp(-np.sum((x[:, None] - mixture.means) ** 2, -1) / (2 * variances)) / variances
+    posterior = density / density.sum(1, keepdims=True)
+    components = (mixture.stds[:, None] ** 2 * x[:, None] + sigma**2 * mixture.means) / variances[:, None]
+    expected = np.sum(posterior[..., None] * components, axis=1)
+    np.testing.assert_allclose(mixture.denoise(x, sigma, get_backend("numpy")), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_exact_flow_solves_the_probability_flow_ode():
+    from kdpm2core import get_backend
+
+    gaussian, h = toy.TOYS["gaussian"], 1e-5
+    x_start = np.array([[4.0, -7.0], [0.3, 2.0]])
+    for sigma in (0.2, 1.0, 5.0):
+        x = gaussian.exact_flow(x_start, 10.0, sigma)
+        slope = (gaussian.exact_flow(x_start, 10.0, sigma + h) - gaussian.exact_flow(x_start, 10.0, sigma - h)) / (2 * h)
+        ode = (x - gaussian.denoise(x, sigma, get_backend("numpy"))) / sigma  # dx/dsigma = (x - D(x, sigma)) / sigma
+        np.testing.assert_allclose(slope, ode, rtol=1e-7)
+
+
 # -- the sigma each substep's model call sees --------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy 2 deprecations
-@pytest.mark.parametrize("options", [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading", "steps_offset": 1}, {"use_beta_sigmas": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading", "steps_offset": 1}, {"use_beta_sigmas": True}]
+)
 def test_model_sigmas_match_what_diffusers_feeds_its_model(options):
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.KDPM2DiscreteScheduler(**options)
@@ -196,10 +232,23 @@ def test_conformance_passes_the_backend_and_pytest_arguments(monkeypatch):
     import kdpm2core.testing
 
     calls = []
-    monkeypatch.setattr(kdpm2core.testing, "run", lambda backend, extra_args=(): calls.append((backend, extra_args)) or 3, raising=False)
+    def run(backend, extra_args=()):
+        calls.append((backend, extra_args))
+        return 3
+
+    monkeypatch.setattr(kdpm2core.testing, "run", run, raising=False)
     result = invoke("conformance", "numpy", "-x", "-k", "gaussian")
     assert calls == [("numpy", ("-x", "-k", "gaussian"))]
     assert result.exit_code == 3
+
+
+def test_conformance_runs_the_real_suite(tmp_path):
+    # a subprocess: pytest inside this pytest process would share its plugins and capture
+    script = "import sys; from kdpm2core.cli import main; main(sys.argv[1:])"
+    args = ["conformance", "numpy", "-q", "-k", "protocol"]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"\d+ passed", done.stdout) and "failed" not in done.stdout
 
 
 def test_conformance_without_the_suite_is_one_clear_line(monkeypatch):
@@ -250,9 +299,14 @@ def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch):
 
 def test_ctrl_c_in_a_real_process():
     # Python's own Ctrl-C handler, installed explicitly: a shell's background jobs inherit SIGINT ignored
-    script = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from kdpm2core.cli import main; main(sys.argv[1:])"
+    script = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from kdpm2core.cli import main; main(sys.argv[1:])"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-c", script, "sample", "--steps", "100000", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", script, "sample", "--steps", "100000", "--progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     seen = b""
     while b"call" not in seen:  # the progress bar is up: we are inside the sampling loop
@@ -276,3 +330,13 @@ def test_compare_skips_a_backend_that_cannot_run_the_options(monkeypatch):
     rows = {row["backend"]: row for row in data["backends"]}
     assert rows["numpy"]["status"] == "ok"
     assert rows["jax"]["status"].startswith("skipped:") and "float64" in rows["jax"]["status"]
+
+
+def test_sampling_on_numpy_imports_neither_torch_nor_jax():
+    script = (
+        "import sys; from kdpm2core.cli import cli; "
+        "code = cli.main(['sample', '--steps', '2', '--samples', '10'], standalone_mode=False); "
+        "print('EXIT', code, 'torch' in sys.modules, 'jax' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "EXIT 0 False False", done.stdout + done.stderr

@@ -66,7 +66,8 @@ def test_the_no_run_marker_is_seen(tmp_path):
     sample = "text\n\n<!-- no-run: needs a CUDA device -->\n```python\nimport torch\n```\n\n```python\nx = 1\n```\n"
     path = tmp_path / "probe.md"
     path.write_text(sample, encoding="utf-8")
-    assert [(code, reason) for _, code, reason in python_blocks(path)] == [("import torch", "needs a CUDA device"), ("x = 1", None)]
+    found = [(code, reason) for _, code, reason in python_blocks(path)]
+    assert found == [("import torch", "needs a CUDA device"), ("x = 1", None)]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -106,3 +107,16 @@ def test_mkdocs_build_strict(tmp_path):
         assert name in reference, f"the API reference lacks {name}"
     options = (tmp_path / "site" / "options" / "index.html").read_text(encoding="utf-8")
     assert "img/sigma_families.png" in options
+
+
+def test_documented_schedule_output_is_what_the_command_prints():
+    click_testing = pytest.importorskip("click.testing")
+    from kdpm2core.cli import cli
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    examples = re.findall(r"```text\n\$ kdpm2 (schedule[^\n]*)\n(.*?)```", text, flags=re.S)
+    assert examples, "docs/cli.md shows no kdpm2 schedule output"
+    for command, shown in examples:  # the schedule depends on nothing but the options: no times, no versions
+        result = click_testing.CliRunner().invoke(cli, command.split())
+        assert result.exit_code == 0, result.output
+        assert result.stdout == shown, f"docs/cli.md shows other output for 'kdpm2 {command}'"

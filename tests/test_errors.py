@@ -261,3 +261,19 @@ def test_custom_sigmas_ending_at_zero_and_at_a_positive_value(backend_name):
         assert scheduler.state_in_first_order == (sigmas[-1] > 0)
         # epsilon = 1 everywhere: x = sigma + c exactly, so the loop lands on the last sigma
         np.testing.assert_allclose(b.to_numpy(x), sigmas[-1], atol=2e-6)
+
+
+def test_custom_sigmas_above_the_training_range_in_a_plain_loop(backend_name):
+    """Sigmas above the training range map to the last training timestep, so a step and its midpoint share
+    timestep 999. A loop without set_begin_index must start at the Euler substep (diffusers' duplicate rule
+    would pick the second match, a midpoint substep that cannot start a loop) and run to the end."""
+    scheduler = KDPM2DiscreteScheduler(backend=backend_name)
+    b = scheduler.backend
+    scheduler.set_timesteps(sigmas=[317.0, 40.0, 2.0, 0.0])
+    timesteps = b.to_numpy(scheduler.timesteps)
+    assert timesteps[0] == timesteps[1] == timesteps[2] == 999.0  # Euler, midpoint, next Euler
+    x = b.asarray(np.full((3,), 317.0, np.float32))
+    for t in scheduler.timesteps:
+        x = scheduler.step(b.asarray(np.ones(3, np.float32)), t, x).prev_sample
+    assert scheduler.step_index == len(timesteps)
+    np.testing.assert_allclose(b.to_numpy(x), 0.0, atol=1e-4)  # epsilon = 1 and x = sigma: lands on 0

@@ -192,6 +192,7 @@ def test_step_never_modifies_its_inputs(backend_name):
         (dict(num_inference_steps=4, s_noise="big"), TypeError, "s_noise"),
         (dict(num_inference_steps=4, bogus_option=1), TypeError, "bogus_option"),
         (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(num_inference_steps=2.5), TypeError, "num_inference_steps"),
         (dict(), ValueError, "num_inference_steps"),
         (dict(num_inference_steps=4, prediction_type="noise"), ValueError, "prediction_type"),
     ],
@@ -210,6 +211,20 @@ def test_churn_without_a_seed_is_refused():
         F.make_plan(object())
     with pytest.raises(ValueError, match="index"):
         F.init(plan, np.zeros(2, dtype=np.float32), index=5)
+
+
+def test_out_buffers_receive_the_results(backend_name):
+    backend = kdpm2core.get_backend(backend_name)
+    plan = F.make_plan(num_inference_steps=3, backend=backend_name, prediction_type="v_prediction")
+    x, output = backend.asarray(initial_noise((2, 9), 1)), backend.asarray(initial_noise((2, 9), 2))
+    state = F.init(plan, x)
+    (prev, pred), _ = F.step(plan, state, output, x)
+    buffers = (backend.xp.zeros_like(x), backend.xp.zeros_like(x))
+    (prev_out, pred_out), _ = F.step(plan, state, output, x, out=buffers)
+    assert np.array_equal(backend.to_numpy(prev_out), backend.to_numpy(prev))
+    assert np.array_equal(backend.to_numpy(pred_out), backend.to_numpy(pred))
+    if backend.inplace:  # written into the caller's buffers (JAX arrays are immutable: fresh results)
+        assert prev_out is buffers[0] and pred_out is buffers[1]
 
 
 # -- memory: a step allocates its two outputs, and nothing when given buffers ----------------------------------
@@ -303,3 +318,41 @@ def test_torch_buffer_pool_never_hands_out_an_array_in_use():
     pooled = {buffer.untyped_storage().data_ptr() for buffer in backend._pool[(tuple(x.shape), x.dtype)]}
     assert {prev.untyped_storage().data_ptr(), pred.untyped_storage().data_ptr()} <= pooled
     assert torch.equal(prev, torch.add(x, output, alpha=-0.5))
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+@pytest.mark.parametrize("row", [(0.0, 1.0, -0.3, 1.0, -2.5), (1.0, 0.0, -0.3, 1.0, -0.7), (1.0, 0.21, -0.33, 0.4, -0.6)])
+@pytest.mark.parametrize("size", [1000, 300_000])  # allocated directly, and from the buffer pool
+def test_torch_float_and_tensor_coefficients_give_the_same_bits(row, size):
+    import torch
+
+    backend = kdpm2core.get_backend("torch")
+    stored, x, output = (torch.from_numpy(initial_noise((size,), seed)) for seed in (1, 2, 3))
+    a, b, c, p, q = row
+    prev, pred = backend.update(a, b, c, p, q, stored, x, output)
+    # 0-d tensor coefficients (the functional API) take the same fused kernels in the same order
+    prev_t, pred_t = backend.update(*(torch.tensor(v, dtype=torch.float32) for v in row), stored, x, output)
+    assert torch.equal(prev_t, prev) and torch.equal(pred_t, pred)
+    from kdpm2_torch.backend import _combine
+
+    assert torch.equal(prev, _combine(None, ((a, stored), (b, x), (c, output))))  # whole-array kernels
+    assert torch.equal(pred, _combine(None, ((p, x), (q, output))))
+    expected = a * stored.double() + b * x.double() + c * output.double()
+    np.testing.assert_allclose(prev.numpy(), expected.numpy(), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(pred.numpy(), (p * x.double() + q * output.double()).numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+def test_torch_step_stays_differentiable():
+    import torch
+
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+    scheduler.set_timesteps(3)
+    x = torch.from_numpy(initial_noise((4, 4, 128, 128))).requires_grad_()  # large: the pooled path's size
+    output = torch.tanh(x)
+    prev, pred = scheduler.step(output, scheduler.timesteps[0], x, return_dict=False)
+    (prev.sum() + pred.sum()).backward()
+    a, b, c, p, q, _ = scheduler._rows[0]
+    derivative = 1 - torch.tanh(x.detach()) ** 2  # d tanh
+    expected = (b + p) + (c + q) * derivative
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)

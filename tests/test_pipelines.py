@@ -29,16 +29,6 @@ ATOL = 1e-4
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a small shared machine, torch's intra-op threads spin against each other: one thread runs these
-    tiny models ~40x faster. Both schedulers run under the same setting, so the comparison is unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return tiny.tiny_components()

@@ -1,6 +1,6 @@
 """Schedules equal diffusers' ``KDPM2DiscreteScheduler``: timesteps, sigmas, init_noise_sigma, betas, alphas_cumprod.
 
-Tolerances, and why (each is a property of float32 arithmetic, not a measured fudge factor):
+Tolerances, and why (each comes from a named float32 effect on diffusers' side):
 
 - ``betas`` and ``alphas_cumprod`` are bit-identical (same float32 arithmetic).
 - ``sigmas`` are within 1 float32 ulp. Our training sigmas use a correctly rounded square root; diffusers takes
@@ -12,14 +12,17 @@ Tolerances, and why (each is a property of float32 arithmetic, not a measured fu
   ones), except with exponential and beta sigmas: there both map a float64 sigma to a timestep in float64,
   through the log of the training sigmas, and where a training sigma differs by the torch-sqrt ulp the
   timestep differs by a fraction of an ulp of the timestep; rounded to float32, within the midpoint bound.
-- ``timesteps`` at midpoint positions (odd indices) are within ``2 * ulp32(num_train_timesteps)``:
-  diffusers maps its float32 geometric-mean sigma to a timestep with float32 arithmetic
-  (``(1 - w) * low + w * high`` on torch float32 tensors, magnitudes up to ``num_train_timesteps``), while
-  we evaluate the same map in float64 on a float64 geometric mean and round once. Both results are float32
-  numbers of that magnitude, so they differ by whole ulps; the roundings on both sides stay below 2.5 ulps,
-  hence at most 2. ``test_midpoint_timesteps_are_diffusers_map_evaluated_exactly`` proves that the map
-  itself is the same: diffusers' own ``_sigma_to_t``, fed our float64 inputs, returns our timesteps bit for
-  bit, and fed its own float32 inputs returns its timesteps bit for bit.
+- ``timesteps`` at midpoint positions (odd indices) are within ``2 * ulp32(num_train_timesteps)``
+  (1.22e-4 for 1000). Three float32 effects on diffusers' side, of similar size, add up: its geometric-mean
+  sigma is computed in float32 (log, lerp, exp: a few ulps of sigma); its sigma-to-t interpolation
+  ``(1 - w) * low + w * high`` runs on float32 torch tensors at magnitudes up to ``num_train_timesteps``;
+  and its log-sigma table carries the torch-sqrt ulp above. We evaluate the same map in float64 on a
+  float64 geometric mean and round once. Both results are float32 numbers of that magnitude, so they differ
+  by whole ulps; the maximum over every n swept is exactly 2. (Feeding diffusers' float32 geometric means
+  to our float64 map only lowers the worst case to about 1.5 ulps: the float32 interpolation matters as
+  much.) ``test_midpoint_timesteps_are_diffusers_map_evaluated_exactly`` proves that the map itself is the
+  same: diffusers' own ``_sigma_to_t``, fed our float64 inputs, returns our timesteps bit for bit, and fed
+  its own float32 inputs returns its timesteps bit for bit.
 - ``init_noise_sigma`` is ``max(sigmas)`` (exact) or ``sqrt(max**2 + 1)`` ("leading"), which diffusers
   evaluates with three float32 roundings: relative error below ``2 * eps32``.
 
@@ -30,7 +33,6 @@ function; ``test_fast_reference_is_diffusers`` checks that this changes nothing.
 
 from __future__ import annotations
 
-import itertools
 from unittest import mock
 
 import numpy as np
@@ -192,7 +194,7 @@ def sweep(kw: dict, dense: int, every: int):
 
 
 def test_every_step_count_default_config():
-    sweep({}, dense=100, every=37)
+    sweep({}, dense=100, every=7)
 
 
 @pytest.mark.parametrize("spacing, offset", (("leading", 1), ("trailing", 0)))  # the offset acts on leading only
@@ -269,7 +271,45 @@ def test_trailing_spacing_takes_exactly_n_steps():
     for n in TRAILING_EXTRA[:6] + TRAILING_EXTRA[-2:]:
         ours.set_timesteps(n)
         timesteps = fast_reference(ref, n)
-        assert len(timesteps) == 2 * (n + 1) - 1 and float(timesteps[-1]) == -1.0
+        if len(timesteps) == 2 * (n + 1) - 1:  # diffusers 0.42 (not asserted: a fix there must not fail us)
+            assert float(timesteps[-1]) == -1.0
         assert len(ours.timesteps) == 2 * n - 1 and float(ours.timesteps[-1]) >= 0
         assert float(ours.sigmas[2 * n - 1]) == 0.0  # the n-th step ends at sigma 0
         assert_schedule_matches(ours, ref, timesteps, context=f"trailing n={n}")
+
+
+# ---- degenerate training tables ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_train_timesteps", (1, 2))
+def test_one_or_two_train_timesteps(num_train_timesteps):
+    """With one training timestep there is nothing to interpolate (diffusers divides 0 by 0 and warns, then
+    discards the value); we return t = 0 without a RuntimeWarning (pytest turns ours into errors)."""
+    for family in FAMILIES:
+        for spacing, offset in SPACINGS:
+            kw = options("linear", family, spacing, offset, num_train_timesteps=num_train_timesteps)
+            ours, ref = KDPM2DiscreteScheduler(**kw), reference(**kw)
+            for n in range(1, num_train_timesteps + 1):
+                ours.set_timesteps(n)
+                with np.errstate(all="ignore"):
+                    ref.set_timesteps(n)
+                assert_schedule_matches(ours, ref, context=f"{kw} n={n}")
+
+
+def test_repeated_alphas_cumprod_give_finite_timesteps():
+    """Betas so small that float32 ``1 - beta`` is 1 repeat an alphas_cumprod entry: equal log-sigmas, whose
+    interpolation weight would be 0 / 0. Timesteps stay finite, sigmas equal diffusers', and every midpoint
+    timestep is one whose training sigma is the midpoint sigma. (Which t of the flat stretch 499..519 a sigma
+    inside it maps to is arbitrary: diffusers takes the last, we the first or last depending on rounding.)"""
+    betas = np.full(1000, 0.01)
+    betas[500:520] = 1e-9
+    ours, ref = KDPM2DiscreteScheduler(trained_betas=betas), reference(trained_betas=betas)
+    assert np.sum(np.diff(np.asarray(ours.alphas_cumprod)) == 0) == 20
+    log_sigmas = ours._training_table().log_sigmas.astype(np.float64)
+    for n in (10, 333, 999):
+        ours.set_timesteps(n)
+        timesteps = fast_reference(ref, n).numpy()
+        got = np.asarray(ours.timesteps)
+        assert np.all(np.isfinite(got)) and got.shape == timesteps.shape
+        np.testing.assert_array_equal(got[0::2], timesteps[0::2])
+        np.testing.assert_array_less(np.abs(np.asarray(ours.sigmas) - ref.sigmas.numpy()), ulp32(ref.sigmas.numpy()) * 1.000001)
+        sigma_at_t = np.exp(np.interp(got[1::2].astype(np.float64), np.arange(1000), log_sigmas))  # the inverse map
+        np.testing.assert_allclose(sigma_at_t, ours._host.sigma_in[1::2], rtol=1e-5)

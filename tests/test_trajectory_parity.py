@@ -3,7 +3,9 @@
 The "model" is :func:`conftest.synthetic_model`, a smooth nonlinear function of the scaled input and the
 timestep evaluated on the host in float64, so both schedulers see the same function. Every substep's
 ``prev_sample`` and ``pred_original_sample`` must agree within 1e-4 relative (max abs difference over max
-abs value) -- the issue's bound; the measured worst case is about 2e-6 (v_prediction).
+abs value) -- the issue's bound. Measured worst case: 5e-7 for epsilon, 7e-6 for v_prediction (squaredcos_cap_v2,
+last substeps), where diffusers' float32 evaluation is the less accurate side: against a float64 run of the
+same loop it is 6e-6 off, ours 4e-7.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, s
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
-from diffusers import KDPM2DiscreteScheduler as Reference  # noqa: E402
 
 from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
 
@@ -159,7 +160,7 @@ def test_full_loop_matches_diffusers(kw, backend_name):
 def test_repeated_first_timestep(backend_name):
     """squaredcos_cap_v2 with Karras sigmas: the first three step timesteps all round to 999. A loop that
     never calls set_begin_index (as StableDiffusionPipeline) then starts, by the duplicate rule, at the
-    second 999: diffusers runs two substeps past its schedule and returns NaN; we agree on every substep
+    second 999: diffusers (0.42) runs two substeps past its schedule and returns NaN; we agree on every substep
     both compute, then raise a ValueError naming step_index instead of returning NaN."""
     kw = _options("karras", "squaredcos_cap_v2", ("linspace", 0), "epsilon")
     assert first_timestep_repeats(kw, 50)
@@ -180,7 +181,7 @@ def test_repeated_first_timestep(backend_name):
         x_ours = ours.step(b.asarray(eps), t_ours, x_ours).prev_sample
         assert ours.step_index == ref.step_index == k + 3
         assert relative_error(b.to_numpy(x_ours), x_ref.numpy()) <= RTOL
-    assert torch.isnan(x_ref).all()
+    # (diffusers 0.42's final x_ref is all NaN; not asserted, so that a diffusers fix does not fail us)
 
 
 # ---- img2img: set_begin_index + add_noise ---------------------------------------------------------------------
@@ -315,3 +316,56 @@ def test_index_for_timestep_with_torch_tensors():
     assert ours.index_for_timestep(ours.timesteps[4], schedule_timesteps=ours.timesteps[2:]) == 2
     with pytest.raises(ValueError, match="single"):
         ours.index_for_timestep(ours.timesteps[:2])
+
+
+# ---- prediction_type="sample" (diffusers raises NotImplementedError for it) ------------------------------------
+@pytest.mark.parametrize("kw", [GRID[0], GRID[5], GRID[11]], ids=_id)
+def test_sample_prediction_equals_epsilon_prediction_of_the_same_denoiser(kw, backend_name):
+    """A model predicting x0 = x - sigma * eps(x) must give the trajectory of the epsilon model eps: the
+    "sample" coefficients are checked against the epsilon ones, which match diffusers above. The sigma the
+    model sees is read back from scale_model_input (1 / sqrt(sigma**2 + 1))."""
+    loops = []
+    for prediction in ("epsilon", "sample"):
+        scheduler = KDPM2DiscreteScheduler(**{**kw, "prediction_type": prediction}, backend=backend_name)
+        scheduler.set_timesteps(20)
+        b = scheduler.backend
+        sample = b.asarray(initial_noise(SHAPE)) * scheduler.init_noise_sigma
+        out = []
+        for t in scheduler.timesteps:
+            scale = float(b.to_numpy(scheduler.scale_model_input(b.asarray(np.ones((), np.float32)), t)))
+            sigma = np.sqrt(1.0 / np.float64(scale) ** 2 - 1.0)
+            x = b.to_numpy(sample).astype(np.float64)
+            eps = synthetic_model(x * scale, float(t))
+            output = eps if prediction == "epsilon" else x - sigma * eps
+            sample, pred = scheduler.step(b.asarray(output.astype(np.float32)), t, sample, return_dict=False)
+            out.append((b.to_numpy(sample), b.to_numpy(pred)))
+        loops.append(out)
+    for (prev, pred), (prev_s, pred_s) in zip(*loops):
+        assert relative_error(prev_s, prev) <= 1e-5 and relative_error(pred_s, pred) <= 1e-5
+
+
+# ---- custom sigmas= (k-diffusion style) --------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["exponential", "beta"])
+def test_custom_sigmas_reproduce_diffusers_sigma_family(family, backend_name):
+    """diffusers' exponential / beta sigmas (not rounded to integer timesteps, unlike Karras'), passed to us
+    as custom ``sigmas=`` with a final 0, give diffusers' schedule and trajectory."""
+    kw = _options(family, "scaled_linear", ("linspace", 0), "epsilon")
+    ref = diffusers_kdpm2(**kw)
+    ref.set_timesteps(20)
+    step_sigmas = np.append(ref.sigmas.numpy()[0:-2:2], 0.0)  # [s0, s1, ..., s19, 0]
+    ours = KDPM2DiscreteScheduler(beta_schedule="scaled_linear", backend=backend_name)
+    ours.set_timesteps(sigmas=step_sigmas)
+    b = ours.backend
+    assert ours.num_inference_steps == 20 and len(ours.timesteps) == len(ref.timesteps) == 39
+    np.testing.assert_array_equal(b.to_numpy(ours.sigmas), ref.sigmas.numpy())
+    np.testing.assert_allclose(b.to_numpy(ours.timesteps), ref.timesteps.numpy(), rtol=0, atol=2 * np.spacing(np.float32(1000)))
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-7)
+    x_ref = torch.from_numpy(initial_noise(SHAPE)) * ref.init_noise_sigma
+    x_ours = b.asarray(initial_noise(SHAPE)) * ours.init_noise_sigma
+    for t_ref, t_ours in zip(ref.timesteps, ours.timesteps):
+        eps = synthetic_model(ref.scale_model_input(x_ref, t_ref).numpy(), float(t_ref)).astype(np.float32)
+        x_ref, pred_ref = ref.step(torch.from_numpy(eps), t_ref, x_ref, return_dict=False)
+        eps = synthetic_model(b.to_numpy(ours.scale_model_input(x_ours, t_ours)), float(t_ours)).astype(np.float32)
+        x_ours, pred_ours = ours.step(b.asarray(eps), t_ours, x_ours, return_dict=False)
+        assert relative_error(b.to_numpy(x_ours), x_ref.numpy()) <= RTOL
+        assert relative_error(b.to_numpy(pred_ours), pred_ref.numpy()) <= RTOL

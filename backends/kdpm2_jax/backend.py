@@ -14,7 +14,10 @@ from kdpm2core.backend import ArrayAPIBackend
 from kdpm2core.functional import PlanInfo
 
 # a plan's host-side facts carry no arrays: static, so that a Plan can be an argument of jax.jit or vmap
-jax.tree_util.register_static(PlanInfo)
+try:
+    jax.tree_util.register_static(PlanInfo)
+except ValueError:  # already registered (this module was reloaded)
+    pass
 
 
 class JaxBackend(ArrayAPIBackend):

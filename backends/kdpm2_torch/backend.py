@@ -1,4 +1,8 @@
-"""PyTorch adapter: device parsing, torch's generator, and a substep fused into ``add(..., alpha=)`` kernels."""
+"""PyTorch adapter: device parsing, torch's generator, and a substep of fused multiply-add kernels.
+
+The update computes each output with one kernel per term; large CPU outputs go into pooled buffers (see
+:meth:`TorchBackend._output`) so that a step touches no fresh memory.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import array_api_compat.torch
 import torch
 
 from kdpm2core.backend import ArrayAPIBackend
+
 
 class TorchBackend(ArrayAPIBackend):
     """Backend on ``torch``; arrays are ``torch.Tensor`` on any device torch supports."""
@@ -70,9 +75,11 @@ class TorchBackend(ArrayAPIBackend):
         key = (tuple(like.shape), like.dtype)
         with self._pool_lock:
             buffers = self._pool.setdefault(key, [])
-            for buffer in buffers:
+            for i in range(len(buffers) - 1, -1, -1):  # the most recently used free buffer: likely still cached
+                buffer = buffers[i]
                 storage = buffer.untyped_storage()
-                if torch._C._storage_Use_Count(storage._cdata) == 2:  # the pool's tensor and ``storage`` only
+                if _USE_COUNT(storage._cdata) == 2:  # the pool's tensor and ``storage`` only
+                    buffers.append(buffers.pop(i))
                     return torch.empty(0, dtype=like.dtype).set_(storage, 0, buffer.shape, buffer.stride())
             fresh = torch.empty_like(like)
             if len(buffers) < POOL_BUFFERS:
@@ -97,54 +104,72 @@ class TorchBackend(ArrayAPIBackend):
 
         Every term after the first is one fused multiply-add kernel (``add_(x, alpha=coef)`` for Python
         floats, ``addcmul_(x, coef)`` for 0-d tensors; both round ``dst + coef*x`` once), in the fixed order
-        ``(b*sample + c*model_output) + a*stored``; Python-float 0 and 1 skip work exactly. So the stateful
-        scheduler (floats) and the functional API (0-d tensors) agree bit for bit, and a step allocates only
+        ``(a*stored + b*sample) + c*model_output``; Python-float 0 and 1 skip work exactly. So the stateful
+        scheduler (floats) and the functional API (0-d tensors) agree bit for bit, every epsilon substep is
+        one kernel per output (``stored`` or ``sample`` plus ``c*model_output``), and a step allocates only
         its two outputs, nothing when ``out`` buffers are given.
 
-        Large CPU arrays are processed in :data:`CHUNK`-element slices: both outputs of a slice are computed
-        while its inputs are in cache, so a substep reads each input from memory once (the memory floor)
-        instead of once per output. CUDA/MPS and compiled graphs get the whole arrays (the compiler fuses).
+        Large CPU outputs come from a buffer pool (:meth:`_output`): fresh memory costs a page fault per page,
+        which measured more than the substep itself. Slicing large arrays so that both outputs of a slice are
+        computed while its inputs are in L2 was tried and measured (docs/performance.md): no gain with one
+        thread, and many times slower with several threads on a shared CPU (each slice kernel is a parallel
+        region that waits for all its threads), so whole-array kernels it is.
         """
+        if out is None and (
+            sample.device.type != "cpu"
+            or sample.numel() * sample.element_size() < POOL_MIN_BYTES
+            or _USE_COUNT is None
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
+        ):
+            # small, on an accelerator, or differentiated (``out=`` kernels are not): each first kernel
+            # allocates its result; a few microseconds per call matter for small arrays, so the epsilon rows
+            # (one kernel each) skip _combine
+            if type(a) is float and type(b) is float and type(p) is float and type(c) is float and type(q) is float:
+                if a == 0.0 and b == 1.0:
+                    prev = torch.add(sample, model_output, alpha=c)
+                elif a == 1.0 and b == 0.0:
+                    prev = torch.add(stored, model_output, alpha=c)
+                else:
+                    prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
+                pred = torch.add(sample, model_output, alpha=q) if p == 1.0 else _combine(None, ((p, sample), (q, model_output)))
+                return prev, pred
+            return _combine(None, ((a, stored), (b, sample), (c, model_output))), _combine(None, ((p, sample), (q, model_output)))
         prev, pred = (self._output(sample), self._output(sample)) if out is None else out
-        operands = (sample, model_output, prev, pred) + ((stored,) if stored is not None else ())
-        n = sample.numel()
-        if n > CHUNK and sample.device.type == "cpu" and not self.compiling() and all(t.is_contiguous() for t in operands):
-            parts = [t.view(-1).split(CHUNK) for t in (sample, model_output, prev, pred)]
-            stored_parts = stored.view(-1).split(CHUNK) if stored is not None else [None] * len(parts[0])
-            for x, mo, prev_part, pred_part, st in zip(*parts, stored_parts):
-                _combine(prev_part, ((b, x), (c, mo), (a, st)))
-                _combine(pred_part, ((p, x), (q, mo)))
-        else:
-            _combine(prev, ((b, sample), (c, model_output), (a, stored)))
-            _combine(pred, ((p, sample), (q, model_output)))
+        _combine(prev, ((a, stored), (b, sample), (c, model_output)))
+        _combine(pred, ((p, sample), (q, model_output)))
         return prev, pred
 
 
+#: how many references a storage has (private torch API; without it there is no pool)
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 #: CPU outputs of at least this many bytes come from the buffer pool; smaller ones are cheap to allocate
 POOL_MIN_BYTES = 1 << 20
 #: buffers kept per (shape, dtype): a loop holds about five arrays of one shape (input, stored, both outputs
 #: and the model input) at a time
 POOL_BUFFERS = 8
 
-#: elements per slice of the chunked CPU update (measured on a 2-core Xeon with 2 MiB L2 per core: the five
-#: slice operands of 128 KiB each stay in L2 and Python overhead stays under 5 % at 16x4x256x256)
-CHUNK = 1 << 15
-
 
 def _combine(dst, terms):
-    """``dst[...] = sum(coef * x)`` in the order given, each product fused into the running sum."""
-    terms = [(coef, x) for coef, x in terms if not (isinstance(coef, (int, float)) and coef == 0)]
-    if not terms:
-        dst.zero_()
-        return
-    (coef, x), rest = terms[0], terms[1:]
-    if isinstance(coef, (int, float)) and coef == 1 and rest and isinstance(rest[0][0], (int, float)):
-        (coef, y), rest = rest[0], rest[1:]
-        torch.add(x, y, alpha=coef, out=dst)
+    """``sum(coef * x)`` in the order given, each product fused into the running sum; written into ``dst``,
+    or into a new tensor when ``dst`` is None. Returns the result.
+
+    Python-float coefficients 0 drop their term and a leading 1 skips its multiply (both exact); the checks
+    are plain type tests because this runs twice per substep and small substeps cost a few microseconds.
+    """
+    live = [term for term in terms if type(term[0]) is not float or term[0] != 0.0]
+    if not live:
+        return torch.zeros_like(terms[0][1]) if dst is None else dst.zero_()
+    coef, x = live[0]
+    extra = {} if dst is None else {"out": dst}
+    if len(live) > 1 and type(coef) is float and coef == 1.0 and type(live[1][0]) is float:
+        dst = torch.add(x, live[1][1], alpha=live[1][0], **extra)
+        rest = live[2:]
     else:
-        torch.mul(x, coef, out=dst)
+        dst = torch.mul(x, coef, **extra)
+        rest = live[1:]
     for coef, y in rest:
-        if isinstance(coef, (int, float)):
+        if type(coef) is float or type(coef) is int:
             dst.add_(y, alpha=coef)
         else:
             dst.addcmul_(y, coef)
+    return dst

@@ -30,7 +30,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "kdpm2_dtypes(*names): dtypes a kdpm2_case test runs with (default: all floating dtypes)"
+        "markers",
+        "kdpm2_dtypes(*names): dtypes a kdpm2_case test runs with (default: all floating dtypes); "
+        "'widest' means float64 where the backend has it, else float32",
     )
     if config.getoption("kdpm2_backend", None):
         _targets(config)  # a backend named on the command line that cannot load is a usage error, up front
@@ -99,6 +101,8 @@ def pytest_generate_tests(metafunc):
         params = []
         for t in targets:
             for dtype in dtypes:
+                if dtype == "widest":  # the most precise dtype the backend has: float64, else float32
+                    dtype = "float64" if _dtype_skip(t, "float64") is None else "float32"
                 case = Case(t.backend_name, t.device_name, t.backend, t.error, dtype)
                 marks = _marks(t, test_name, _dtype_skip(t, dtype))
                 params.append(pytest.param(case, id=f"{t.backend_name}-{t.device_name}-{dtype}", marks=marks))

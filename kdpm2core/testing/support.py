@@ -8,7 +8,6 @@ dtype, and callers add the option combination.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +144,7 @@ def assert_close(
     raise AssertionError(
         f"{label}: {int(np.sum(err > allowed))} of {max(err.size, 1)} values differ; max abs error "
         f"{float(np.max(err)):.3g}, max rel error {rel:.3g}, worst at index {tuple(int(i) for i in worst)}: "
-        f"got {values[worst]!r}, expected {expected[worst]!r} (error {float(err[worst]):.3g} is "
+        f"got {float(values[worst])!r}, expected {float(expected[worst])!r} (error {float(err[worst]):.3g} is "
         f"{float(ratio[worst]):.3g}x the allowed atol={atol:.3g} + rtol={rtol:.3g} * |expected|)"
     )
 
@@ -170,13 +169,3 @@ def sample_loop(scheduler, x, model: Callable, target: Target, *, start: int = 0
     stacked = target.to_numpy(target.xp.stack(inputs + prevs + preds))
     n = len(prevs)
     return x, {"model_input": stacked[:n], "prev": stacked[n : 2 * n], "pred": stacked[2 * n :]}
-
-
-def growth_bound(values: np.ndarray) -> float:
-    """``max(1, max |values|)``: the scale absolute tolerances are measured against."""
-    return max(1.0, float(np.max(np.abs(values)))) if np.size(values) else 1.0
-
-
-def ulp_tolerance(dtype: str, substeps: int, factor: float = 8.0) -> float:
-    """A relative tolerance of ``factor`` roundoffs per substep for ``dtype`` (errors add up along the loop)."""
-    return factor * EPS[dtype] * max(1, substeps) * math.sqrt(2)

@@ -6,7 +6,9 @@ beta schedule and spacing; each checks every combination in its group and report
 
 diffusers keeps its schedule in float32 (its interpolated sigmas come from float32 ``log``/``exp``) and ran
 the trajectories in float64, so the float64 tolerance is set by float32 schedule rounding, not by the
-backend: see DIFFUSERS_SIGMA_ULPS and DIFFUSERS_TRAJECTORY_ULPS below.
+backend: see DIFFUSERS_SIGMA_ULPS and DIFFUSERS_TRAJECTORY_ULPS below. For the same reason the
+trajectories run in one dtype per backend, the widest it has; the other dtypes are compared with the NumPy
+backend in ``test_sampling``.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def test_schedule_matches_diffusers(kdpm2_target, group):
     _check_all(group, check)
 
 
-@pytest.mark.kdpm2_dtypes("float32", "float64")
+@pytest.mark.kdpm2_dtypes("widest")
 @pytest.mark.parametrize("group", GROUPS)
 def test_trajectory_matches_diffusers(kdpm2_case, group):
     """A full sampling loop with the toy model: every substep's model input, timestep, prev_sample and
@@ -132,7 +134,7 @@ def test_trajectory_matches_diffusers(kdpm2_case, group):
     _check_all(group, check)
 
 
-@pytest.mark.kdpm2_dtypes("float32", "float64")
+@pytest.mark.kdpm2_dtypes("widest")
 @pytest.mark.parametrize("group", GROUPS)
 def test_add_noise_and_img2img_match_diffusers(kdpm2_case, group):
     """Training-style ``add_noise`` (one timestep per sample, no begin index), and an img2img run: noise

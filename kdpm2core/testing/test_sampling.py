@@ -2,7 +2,7 @@
 values agree with the NumPy backend.
 
 The NumPy reference runs in float64 from the same (dtype-rounded) starting sample, so the tolerance is the
-roundoff of the dtype under test, a few units per operation and substep, on the trajectory's scale.
+roundoff of the dtype under test, two units per substep, on the trajectory's scale.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ CONFIG = {"beta_schedule": "scaled_linear", "timestep_spacing": "leading", "step
 
 
 def _rtol(dtype: str) -> float:
-    """About 10 roundoffs per substep (model, scaling, the two combinations), over 2 * STEPS - 1 substeps."""
-    return 10 * EPS[dtype] * (2 * STEPS - 1)
+    """Two roundoffs of the dtype per substep, on the trajectory's scale, over 2 * STEPS - 1 substeps.
+
+    Each substep rounds about five times (model, scaling, the two combinations), mostly on values well below
+    the trajectory's largest; every backend measured stays under 0.6 roundoff per substep (bfloat16 on JAX)."""
+    return 2 * EPS[dtype] * (2 * STEPS - 1)
 
 
 def _start(shape) -> np.ndarray:

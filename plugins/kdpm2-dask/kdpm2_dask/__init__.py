@@ -59,7 +59,7 @@ class DaskBackend(ArrayAPIBackend):
     def to_numpy(self, x):
         return np.asarray(x.compute())  # the active scheduler: a distributed Client when one is set up
 
-    def rng(self, seed):
+    def rng(self, seed, device=None):
         import dask.array as da
 
         return da.random.default_rng(int(seed))
