@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import operator
 import os
 import warnings
 from collections.abc import Mapping
@@ -82,6 +83,17 @@ def _int(key, value, minimum):
     if value < minimum:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, or a TypeError/ValueError naming ``name`` (bools are refused)."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}") from None
+    if isinstance(value, bool) or number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def _float(key, value):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -152,13 +151,7 @@ def make_plan(
         if (num_inference_steps is None) == (sigmas is None):
             raise ValueError("pass exactly one of num_inference_steps and sigmas")
         if num_inference_steps is not None:
-            try:
-                count = operator.index(num_inference_steps)
-            except TypeError:
-                raise TypeError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}") from None
-            if isinstance(num_inference_steps, bool) or count < 1:
-                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-            num_inference_steps = count
+            num_inference_steps = _config.positive_int("num_inference_steps", num_inference_steps)
         validated = _config.validate_config(options)
         base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
         backend = get_backend(backend)

@@ -178,9 +178,9 @@ class KDPM2DiscreteScheduler:
         if (num_inference_steps is None) == (sigmas is None):
             raise ValueError("pass exactly one of num_inference_steps and sigmas")
         if num_inference_steps is not None:
-            num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
+            num_inference_steps = _config.positive_int("num_inference_steps", num_inference_steps)
         if num_train_timesteps is not None:
-            num_train_timesteps = _positive_int("num_train_timesteps", num_train_timesteps)
+            num_train_timesteps = _config.positive_int("num_train_timesteps", num_train_timesteps)
         if sigmas is not None and not isinstance(sigmas, (list, tuple, np.ndarray)):
             sigmas = self._backend.to_numpy(sigmas) if self._backend.owns(sigmas) else sigmas
         options = self._options()
@@ -451,13 +451,3 @@ def _compiling(backend) -> bool:
     """Whether a graph compiler traces the caller (backends written before ``compiling`` existed: never)."""
     compiling = getattr(backend, "compiling", None)
     return compiling is not None and compiling()
-
-
-def _positive_int(name: str, value) -> int:
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}") from None
-    if isinstance(value, bool) or number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return number

@@ -79,3 +79,15 @@ def diffusers_kdpm2(**options):
 
     with mock.patch.object(KDPM2DiscreteScheduler, "set_timesteps", no_schedule):
         return KDPM2DiscreteScheduler(**options)
+
+
+def scheduler_options(beta="linear", family=None, spacing="linspace", offset=0, *, trained_betas=None, **extra) -> dict:
+    """Constructor keywords for one option combination (``beta="trained_betas"`` passes ``trained_betas``)."""
+    kw = {"timestep_spacing": spacing, "steps_offset": offset, **extra}
+    if beta == "trained_betas":
+        kw["trained_betas"] = trained_betas
+    else:
+        kw["beta_schedule"] = beta
+    if family:
+        kw[f"use_{family}_sigmas"] = True
+    return kw

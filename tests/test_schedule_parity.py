@@ -37,7 +37,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import diffusers_kdpm2
+from conftest import diffusers_kdpm2, scheduler_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 
@@ -61,14 +61,7 @@ TRAILING_EXTRA = [n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)
 
 def options(beta="linear", family=None, spacing="linspace", offset=0, **extra) -> dict:
     """Constructor keywords for one combination (``beta="trained_betas"`` passes :data:`TRAINED_BETAS`)."""
-    kw = {"timestep_spacing": spacing, "steps_offset": offset, **extra}
-    if beta == "trained_betas":
-        kw["trained_betas"] = TRAINED_BETAS
-    else:
-        kw["beta_schedule"] = beta
-    if family:
-        kw[f"use_{family}_sigmas"] = True
-    return kw
+    return scheduler_options(beta, family, spacing, offset, trained_betas=TRAINED_BETAS, **extra)
 
 
 reference = diffusers_kdpm2  # diffusers' scheduler without the constructor's 1000-step schedule

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, synthetic_model
+from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, scheduler_options, synthetic_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
@@ -32,14 +32,7 @@ PREDICTIONS = ("epsilon", "v_prediction")  # diffusers raises NotImplementedErro
 
 
 def _options(family, beta, spacing, prediction) -> dict:
-    kw = {"timestep_spacing": spacing[0], "steps_offset": spacing[1], "prediction_type": prediction}
-    if beta == "trained_betas":
-        kw["trained_betas"] = TRAINED_BETAS
-    else:
-        kw["beta_schedule"] = beta
-    if family:
-        kw[f"use_{family}_sigmas"] = True
-    return kw
+    return scheduler_options(beta, family, *spacing, trained_betas=TRAINED_BETAS, prediction_type=prediction)
 
 
 # A pairwise covering grid: every pair of values of any two of the four options appears in some row
