@@ -25,6 +25,7 @@ from kdpm2core.hookspecs import hookimpl
 __all__ = ["available_backends", "get_backend", "backend_report", "hookimpl", "BackendError", "PluginWarning"]
 
 ENTRY_POINT_GROUP = "kdpm2"
+FIRST_PARTY = "kdpm2"  # the distribution of the numpy, torch and jax backends
 LOAD_ENV = "KDPM2_LOAD_PLUGINS"
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
@@ -130,6 +131,10 @@ def _load() -> _Registry:
             _warn(f"kdpm2 plugin {plugin!r} from {dist!r} failed to register backends and was skipped: {exc!r}")
             continue
         for entry in pending:
+            # our own backends' frameworks are optional extras; a third-party plugin without its framework
+            # is a broken install worth a warning
+            if dist != FIRST_PARTY and not entry.installed:
+                _warn(f"kdpm2 backend {entry.name!r} from {dist!r} needs {', '.join(entry.requires)}, which is not installed; skipped")
             other = entries.get(entry.name)
             if other is None:
                 entries[entry.name] = entry

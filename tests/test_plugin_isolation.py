@@ -236,6 +236,7 @@ def test_missing_framework_is_reported_not_raised(broken):
     assert "ghost" not in broken["available"]
     kind, _, message = broken["lookups"]["ghost"].partition(":")
     assert kind == "BackendError" and "no_such_module" in message and "not installed" in message
+    assert any(w.startswith("PluginWarning:") and "'ghost'" in w and "no_such_module" in w for w in broken["warnings"])
 
 
 def test_duplicate_backend_names_error_naming_both_distributions(broken):
