@@ -38,8 +38,11 @@ STEPS = 25
 
 
 # -- timing helpers -----------------------------------------------------------------------------------------------
-def interleaved(functions: dict, repeats: int) -> dict:
-    """Seconds of each zero-argument function, called in turn ``repeats`` times (after one warm-up)."""
+def interleaved(functions: dict, repeats: int, *, self_timed: bool = False) -> dict:
+    """Seconds of each zero-argument function, called in turn ``repeats`` times (after one warm-up).
+
+    With ``self_timed`` the functions time their own loop into ``fn.elapsed`` (setup left out), and that is
+    what is recorded."""
     for fn in functions.values():
         fn()
     times = {name: [] for name in functions}
@@ -47,7 +50,7 @@ def interleaved(functions: dict, repeats: int) -> dict:
         for name, fn in functions.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(fn.elapsed if self_timed else time.perf_counter() - start)
     return times
 
 
@@ -109,7 +112,7 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
         calls["floor torch"] = copies(shape, device, substeps, "torch")
         if device == "cpu":
             calls["floor numpy"] = copies(shape, device, substeps, "numpy")
-    times = _loop_times(calls, repeats)
+    times = interleaved(calls, repeats, self_timed=True)
     per = {name: [value / substeps for value in values] for name, values in times.items()}
     if floor:  # the machine's copy bandwidth: the faster copy of each round
         per["floor"] = [min(values) for values in zip(*(per[name] for name in calls if name.startswith("floor")))]
@@ -146,18 +149,6 @@ def copies(shape, device, substeps, how):
         run.elapsed = time.perf_counter() - start
 
     return run
-
-
-def _loop_times(calls: dict, repeats: int) -> dict:
-    """Like :func:`interleaved`, for callables that time their own loop (into ``fn.elapsed``)."""
-    for fn in calls.values():
-        fn()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            fn()
-            times[name].append(fn.elapsed)
-    return times
 
 
 def set_timesteps_row(repeats) -> dict:
