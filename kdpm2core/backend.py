@@ -53,6 +53,10 @@ class Backend(Protocol):
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
         """Standard normal samples and the advanced generator state."""
 
+    def scale(self, x: Array, factor: float) -> Array:
+        """``x * factor`` for a Python float (the model input). Optional: the scheduler multiplies itself
+        where a backend lacks it."""
+
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
         """One KDPM2 substep: ``(b*sample + c*model_output + a*stored, p*sample + q*model_output)``.
 
@@ -65,6 +69,12 @@ class Backend(Protocol):
 
     def compiling(self) -> bool:
         """True while a graph compiler traces the caller (``torch.compile``); Python values are then frozen."""
+
+
+def _registered(name: str):
+    from kdpm2core.plugins import get_backend
+
+    return get_backend(name)
 
 
 def _is_scalar(value) -> bool:
@@ -84,6 +94,13 @@ class ArrayAPIBackend:
 
     def __repr__(self) -> str:
         return f"<kdpm2 backend {self.name!r}>"
+
+    # one object per registered name: a copied scheduler shares it, a pickled one names it
+    def __deepcopy__(self, memo) -> ArrayAPIBackend:
+        return self
+
+    def __reduce__(self):
+        return _registered, (self.name,)
 
     # -- arrays and devices ---------------------------------------------------------------------------------
     def owns(self, x: Array) -> bool:
@@ -156,6 +173,9 @@ class ArrayAPIBackend:
             result += term
             return result
         return result + term
+
+    def scale(self, x: Array, factor: float) -> Array:
+        return x * factor
 
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
         """Both combinations of a substep; see :class:`Backend`.

@@ -78,6 +78,9 @@ class KDPM2DiscreteScheduler:
         options = {key: value for key, value in locals().items() if key in _config.DEFAULTS}
         self._internal_dict = _config.FrozenConfig(_config.validate_config(options))
         self._backend = get_backend(backend)
+        # optional in the Backend protocol (backends written before they existed lack them)
+        self._scale = getattr(self._backend, "scale", operator.mul)
+        self._compiling = getattr(self._backend, "compiling", _never)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be True or False, got {type(check_finite).__name__}")
         self.check_finite = check_finite
@@ -293,17 +296,19 @@ class KDPM2DiscreteScheduler:
         """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
         self._check_array("sample", sample)
         k = self._current_row(timestep)
-        return sample * (self._device_rows[k][6] if _compiling(self._backend) else self._input_scale[k])
+        if self._compiling():
+            return sample * self._device_rows[k][6]
+        return self._scale(sample, self._input_scale[k])
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
         ``return_dict`` is true. Inputs are never modified."""
         self._check_array("sample", sample)
         self._check_array("model_output", model_output)
-        if tuple(model_output.shape) != tuple(sample.shape):
+        if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
         k = self._current_row(timestep)
-        if _compiling(self._backend):
+        if self._compiling():
             # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
             # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
@@ -447,7 +452,5 @@ def _optional_index(name: str, value, maximum: int) -> int | None:
     return value
 
 
-def _compiling(backend) -> bool:
-    """Whether a graph compiler traces the caller (backends written before ``compiling`` existed: never)."""
-    compiling = getattr(backend, "compiling", None)
-    return compiling is not None and compiling()
+def _never() -> bool:
+    return False

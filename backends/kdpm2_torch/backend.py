@@ -1,15 +1,17 @@
 """PyTorch adapter: device parsing, torch's generator, and a substep of fused multiply-add kernels.
 
-The update computes each output with one kernel per term; large CPU outputs go into pooled buffers (see
-:meth:`TorchBackend._output`) so that a step touches no fresh memory.
+The update computes each output with one torch kernel per term. Large CPU arrays get two more things: pooled
+output buffers (:meth:`TorchBackend._output`), so that a step touches no fresh memory, and the C kernel of
+``_fused.c``, which computes both outputs in one pass over the inputs, to the same bits.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 
 import array_api_compat.torch
-
 import torch
 
 from kdpm2core.backend import ArrayAPIBackend
@@ -70,7 +72,7 @@ class TorchBackend(ArrayAPIBackend):
         frees them.
         """
         size = like.numel() * like.element_size()
-        if like.device.type != "cpu" or size < POOL_MIN_BYTES or not like.is_contiguous() or self.compiling():
+        if _USE_COUNT is None or not like.is_cpu or size < LARGE_BYTES or not like.is_contiguous() or self.compiling():
             return torch.empty_like(like)
         key = (tuple(like.shape), like.dtype)
         with self._pool_lock:
@@ -99,54 +101,126 @@ class TorchBackend(ArrayAPIBackend):
     def compiling(self):
         return torch.compiler.is_compiling()
 
+    def scale(self, x, factor):
+        """``x * factor``. For float32/float64 CPU arrays the factor goes in as a cached 0-d tensor of ``x``'s
+        dtype: given a Python float, torch wraps it in a new 0-d tensor on every call, which costs half as
+        much as the multiply itself on a 1x4x64x64 latent. The same bits either way: the kernel rounds a
+        Python factor to ``x``'s dtype too (half precision keeps it in float32, so those stay on floats).
+        Large results come from the buffer pool, as the step's do."""
+        if x.is_cpu and type(factor) is float and x.dtype in _KERNEL_DTYPES:
+            scalar = _cpu_scalar(factor, x.dtype)
+            if x.numel() * x.element_size() < LARGE_BYTES or (x.requires_grad and torch.is_grad_enabled()):
+                return torch.mul(x, scalar)
+            return torch.mul(x, scalar, out=self._output(x))
+        return x * factor
+
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None):
         """Both combinations of a substep, with no temporaries.
 
-        Every term after the first is one fused multiply-add kernel (``add_(x, alpha=coef)`` for Python
-        floats, ``addcmul_(x, coef)`` for 0-d tensors; both round ``dst + coef*x`` once), in the fixed order
+        Every term after the first is one fused multiply-add (``add_(x, alpha=coef)`` for Python floats,
+        ``addcmul_(x, coef)`` for 0-d tensors; both round ``dst + coef*x`` once), in the fixed order
         ``(a*stored + b*sample) + c*model_output``; Python-float 0 and 1 skip work exactly. So the stateful
         scheduler (floats) and the functional API (0-d tensors) agree bit for bit, every epsilon substep is
         one kernel per output (``stored`` or ``sample`` plus ``c*model_output``), and a step allocates only
         its two outputs, nothing when ``out`` buffers are given.
 
-        Large CPU outputs come from a buffer pool (:meth:`_output`): fresh memory costs a page fault per page,
-        which measured more than the substep itself. Slicing large arrays so that both outputs of a slice are
-        computed while its inputs are in L2 was tried and measured (docs/performance.md): no gain with one
-        thread, and many times slower with several threads on a shared CPU (each slice kernel is a parallel
-        region that waits for all its threads), so whole-array kernels it is.
+        Large CPU arrays (at least :data:`LARGE_BYTES`) take two more measures, both measured in
+        docs/performance.md. Their outputs come from a buffer pool (:meth:`_output`): fresh memory costs a
+        page fault per page, more than the substep itself. And with float coefficients the C kernel of
+        ``_fused.c`` computes both outputs in one pass over the inputs, with the same roundings in the same
+        order, so bit for bit what the torch kernels give: torch's kernels read the inputs once per output, and
+        on a large array memory traffic is the whole cost.
         """
-        if out is None and (
-            sample.device.type != "cpu"
-            or sample.numel() * sample.element_size() < POOL_MIN_BYTES
-            or _USE_COUNT is None
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
-        ):
-            # small, on an accelerator, or differentiated (``out=`` kernels are not): each first kernel
-            # allocates its result; a few microseconds per call matter for small arrays, so the epsilon rows
-            # (one kernel each) skip _combine
-            if type(a) is float and type(b) is float and type(p) is float and type(c) is float and type(q) is float:
-                if a == 0.0 and b == 1.0:
-                    prev = torch.add(sample, model_output, alpha=c)
-                elif a == 1.0 and b == 0.0:
-                    prev = torch.add(stored, model_output, alpha=c)
-                else:
-                    prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
-                pred = torch.add(sample, model_output, alpha=q) if p == 1.0 else _combine(None, ((p, sample), (q, model_output)))
-                return prev, pred
-            return _combine(None, ((a, stored), (b, sample), (c, model_output))), _combine(None, ((p, sample), (q, model_output)))
+        floats = type(a) is float and type(b) is float and type(c) is float and type(p) is float and type(q) is float
+        if out is None:
+            if (
+                not sample.is_cpu
+                or sample.numel() * sample.element_size() < LARGE_BYTES
+                or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
+                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
+            ):
+                return _allocating(floats, a, b, c, p, q, stored, sample, model_output)
+            if floats and _kernel is not None:
+                fused = self._fused(a, b, c, p, q, stored, sample, model_output)
+                if fused is not None:
+                    return fused
         prev, pred = (self._output(sample), self._output(sample)) if out is None else out
         _combine(prev, ((a, stored), (b, sample), (c, model_output)))
         _combine(pred, ((p, sample), (q, model_output)))
         return prev, pred
 
+    def _fused(self, a, b, c, p, q, stored, sample, model_output):
+        """Both outputs from the C kernel in one pass (contiguous float32/float64 CPU arrays of one dtype and
+        shape), or None where it does not apply. Kept lean: on a small latent it runs every substep."""
+        dtype = sample.dtype
+        if (
+            dtype not in _KERNEL_DTYPES
+            or not sample.is_contiguous()
+            or model_output.dtype != dtype
+            or not model_output.is_cpu
+            or not model_output.is_contiguous()
+            or model_output.shape != sample.shape
+        ):
+            return None
+        if a != 0.0:
+            if stored is None or stored.dtype != dtype or not stored.is_cpu or not stored.is_contiguous() or stored.shape != sample.shape:
+                return None
+            stored = stored.data_ptr()
+        else:
+            stored = None
+        n = sample.numel()
+        threads = 1 if n < PARALLEL_MIN else min(torch.get_num_threads(), n // PARALLEL_MIN)
+        prev, pred = self._output(sample), self._output(sample)
+        _kernel.update(dtype is torch.float64, n, threads, prev.data_ptr(), pred.data_ptr(), stored, sample.data_ptr(), model_output.data_ptr(), a, b, c, p, q)
+        return prev, pred
+
+
+def _load_kernel():
+    """The compiled ``_fused.c``, or None where it was not built (no C compiler when kdpm2 was installed) or
+    ``KDPM2_NO_KERNEL`` is set: torch's kernels then compute every substep, to the same bits."""
+    if os.environ.get("KDPM2_NO_KERNEL"):
+        return None
+    try:
+        from kdpm2_torch import _fused
+    except ImportError:
+        return None
+    return _fused
+
+
+_kernel = _load_kernel()
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+#: the C kernel splits arrays of at least this many elements per thread over torch's thread count
+PARALLEL_MIN = 1 << 18
 
 #: how many references a storage has (private torch API; without it there is no pool)
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-#: CPU outputs of at least this many bytes come from the buffer pool; smaller ones are cheap to allocate
-POOL_MIN_BYTES = 1 << 20
+#: CPU arrays of at least this many bytes take the pooled outputs and the C kernel; smaller ones are cheap to
+#: allocate, and there the kernel's call costs more (ctypes) than the second pass over cached inputs
+LARGE_BYTES = 1 << 20
 #: buffers kept per (shape, dtype): a loop holds about five arrays of one shape (input, stored, both outputs
 #: and the model input) at a time
 POOL_BUFFERS = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _cpu_scalar(value: float, dtype):
+    return torch.tensor(value, dtype=dtype)
+
+
+def _allocating(floats, a, b, c, p, q, stored, sample, model_output):
+    """:meth:`TorchBackend.update` where each first kernel allocates its result (small arrays, accelerators,
+    autograd). A few microseconds per call matter for small arrays, so the epsilon rows (one kernel per
+    output) go straight to ``torch.add``."""
+    if floats:
+        if a == 0.0 and b == 1.0 and c != 0.0:
+            prev = torch.add(sample, model_output, alpha=c)
+        elif a == 1.0 and b == 0.0 and c != 0.0:
+            prev = torch.add(stored, model_output, alpha=c)
+        else:
+            prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
+        pred = torch.add(sample, model_output, alpha=q) if p == 1.0 and q != 0.0 else _combine(None, ((p, sample), (q, model_output)))
+        return prev, pred
+    return _combine(None, ((a, stored), (b, sample), (c, model_output))), _combine(None, ((p, sample), (q, model_output)))
 
 
 def _combine(dst, terms):
