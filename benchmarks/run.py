@@ -3,6 +3,7 @@
     python -m benchmarks                      # torch CPU, JAX; writes benchmarks/results/<time>.json
     python -m benchmarks --device cuda        # the per-substep rows on a GPU
     python -m benchmarks --quick --output x.json
+    python -m benchmarks --no-page-faults     # both sides without page faults (glibc malloc tunables)
 
 Every timing is the median of repeated runs, the two implementations interleaved (A B A B ...) so that load
 from other processes falls on both. The rows:
@@ -35,6 +36,9 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 25
+#: glibc malloc settings under which arrays up to 32 MiB come from the heap and freed memory is never given
+#: back to the OS: no array then costs page faults on its first write (``--no-page-faults``)
+NO_PAGE_FAULTS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
 
 # -- timing helpers -----------------------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def machine(device: str) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     for module in ("numpy", "torch", "jax", "diffusers"):
         try:
@@ -267,7 +272,16 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the torch rows (default: torch's)")
     parser.add_argument("--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"])
+    parser.add_argument(
+        "--no-page-faults", action="store_true",
+        help="run in a new process whose malloc keeps freed memory (glibc tunables), so that neither side pays "
+        "page faults for fresh arrays: diffusers allocates several per step, and by default pays them",
+    )
     args = parser.parse_args(argv)
+    if args.no_page_faults and os.environ.get("GLIBC_TUNABLES") != NO_PAGE_FAULTS:
+        argv = sys.argv[1:] if argv is None else argv
+        environ = dict(os.environ, GLIBC_TUNABLES=NO_PAGE_FAULTS)
+        return subprocess.run([sys.executable, "-m", "benchmarks", *argv], env=environ, check=False).returncode
     repeats = 3 if args.quick else 9
     if args.threads:
         import torch

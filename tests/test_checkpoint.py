@@ -4,15 +4,18 @@ backend and dtype (bfloat16 included); loading rejects anything malformed or tam
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BACKENDS, initial_noise
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
@@ -363,7 +366,10 @@ def test_functional_state_resumes_in_new_process_bit_identical(resumed, case):
 
 def test_functional_checkpoint_rejects_another_plan_and_bad_index(tmp_path):
     from kdpm2core import functional as F
-    from kdpm2core.checkpoint import load_functional_checkpoint, save_functional_checkpoint
+    from kdpm2core.checkpoint import (
+        load_functional_checkpoint,
+        save_functional_checkpoint,
+    )
 
     plan = F.make_plan(num_inference_steps=4, backend="numpy", dtype="float64")
     x = np.ones(3)
@@ -440,3 +446,21 @@ def test_any_edit_of_the_manifest_loads_or_fails_clearly(tmp_path_factory):
             assert "substep" in str(error) or "shape" in str(error), error
 
     check()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_copied_and_pickled_schedulers_share_the_backend_and_continue_alike(name):
+    """copy.deepcopy and pickle mid-loop: the twin shares the backend object and steps exactly as the original."""
+    scheduler = KDPM2DiscreteScheduler(backend=name, prediction_type="v_prediction")
+    scheduler.set_timesteps(4)
+    b = scheduler.backend
+    x = b.asarray(initial_noise((1, 2, 8, 8)))
+    t = scheduler.timesteps[0]
+    x = scheduler.step(x * 0.1, t, x).prev_sample  # now mid-loop: a midpoint substep is due
+    for twin in (copy.deepcopy(scheduler), pickle.loads(pickle.dumps(scheduler))):
+        assert twin.backend is b
+        t = scheduler.timesteps[1]
+        ours = twin.step(x * 0.2, t, x).prev_sample
+        theirs = copy.deepcopy(scheduler).step(x * 0.2, t, x).prev_sample
+        assert np.array_equal(b.to_numpy(ours), b.to_numpy(theirs))
+    assert scheduler.step_index == 1  # the copies did not advance the original

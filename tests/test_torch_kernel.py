@@ -8,15 +8,12 @@ was present at install time it must have been built, so a broken build cannot go
 
 from __future__ import annotations
 
-import copy
 import os
-import pickle
 import shutil
 import subprocess
 import sys
 import sysconfig
 
-import numpy as np
 import pytest
 
 import kdpm2core
@@ -187,23 +184,6 @@ def test_scale_keeps_autograd():
     x = torch.from_numpy(initial_noise((300_000,))).requires_grad_()
     backend.scale(x, 0.25).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 0.25))
-
-
-@pytest.mark.parametrize("name", ["numpy", "torch"])
-def test_copied_and_pickled_schedulers_share_the_backend_and_continue_alike(name):
-    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend=name, prediction_type="v_prediction")
-    scheduler.set_timesteps(4)
-    b = scheduler.backend
-    x = b.asarray(initial_noise((1, 2, 8, 8)))
-    t = scheduler.timesteps[0]
-    x = scheduler.step(x * 0.1, t, x).prev_sample  # now mid-loop: a midpoint substep is due
-    for twin in (copy.deepcopy(scheduler), pickle.loads(pickle.dumps(scheduler))):
-        assert twin.backend is b
-        t = scheduler.timesteps[1]
-        ours = twin.step(x * 0.2, t, x).prev_sample
-        theirs = copy.deepcopy(scheduler).step(x * 0.2, t, x).prev_sample
-        assert np.array_equal(b.to_numpy(ours), b.to_numpy(theirs))
-    assert scheduler.step_index == 1  # the copies did not advance the original
 
 
 def test_kernel_results_do_not_depend_on_the_thread_count_in_a_loop():

@@ -98,8 +98,8 @@ class TorchBackend(ArrayAPIBackend):
         # a plain isinstance check: cheap, and traceable by torch.compile (array-api-compat's is not)
         return isinstance(x, torch.Tensor)
 
-    def compiling(self):
-        return torch.compiler.is_compiling()
+    # torch's own function, not a method wrapping it: the scheduler calls it twice per substep
+    compiling = staticmethod(torch.compiler.is_compiling)
 
     def scale(self, x, factor):
         """``x * factor``. For float32/float64 CPU arrays the factor goes in as a cached 0-d tensor of ``x``'s
@@ -139,6 +139,10 @@ class TorchBackend(ArrayAPIBackend):
                 or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
                 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
             ):
+                if floats and (a, b) in ((0.0, 1.0), (1.0, 0.0)) and c != 0.0 and p == 1.0 and q != 0.0:
+                    # epsilon: one kernel per output (Euler from the sample, midpoint from the stored sample)
+                    base = sample if a == 0.0 else stored
+                    return torch.add(base, model_output, alpha=c), torch.add(sample, model_output, alpha=q)
                 return _allocating(floats, a, b, c, p, q, stored, sample, model_output)
             if floats and _kernel is not None:
                 fused = self._fused(a, b, c, p, q, stored, sample, model_output)
