@@ -81,6 +81,24 @@ def test_kernel_gives_the_bits_of_torchs_kernels(dtype, n, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("offset", [1, 3])
+def test_kernel_reads_and_writes_at_any_alignment(offset):
+    """Views that start a few elements into their storage: the kernel may not assume aligned pointers."""
+    n = 5000
+    stored, sample, model_output = (x[offset:] for x in _inputs(n + offset, torch.float32, seed=7))
+    buffers = torch.empty(2, n + offset)
+    prev, pred = buffers[0, offset:], buffers[1, :n]
+    for row in ROWS:
+        a, b, c, p, q = row
+        kernel.update(
+            False, n, 2, prev.data_ptr(), pred.data_ptr(), stored.data_ptr() if a else None,
+            sample.data_ptr(), model_output.data_ptr(), a, b, c, p, q,
+        )
+        expected = _torch_kernels(row, stored, sample, model_output)
+        assert _same_bits(prev, expected[0]) and _same_bits(pred, expected[1]), row
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_arrays_take_the_kernel_and_give_the_same_bits(dtype, monkeypatch):
     backend = kdpm2core.get_backend("torch")
@@ -193,7 +211,7 @@ def test_kernel_results_do_not_depend_on_the_thread_count_in_a_loop():
         torch.set_num_threads(threads)
         scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", use_karras_sigmas=True)
         scheduler.set_timesteps(3)
-        x = torch.from_numpy(initial_noise((4, 4, 128, 128), 9)) * scheduler.init_noise_sigma
+        x = torch.from_numpy(initial_noise((8, 4, 128, 128), 9)) * scheduler.init_noise_sigma  # 2 MiB: 2 kernel threads
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
             x = scheduler.step(torch.tanh(model_input), t, x).prev_sample
