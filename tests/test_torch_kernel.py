@@ -19,7 +19,7 @@ import pytest
 import kdpm2core
 
 torch = pytest.importorskip("torch")
-from conftest import initial_noise
+from conftest import diffusers_kdpm2, initial_noise, relative_error
 from kdpm2_torch import backend as torch_backend
 
 kernel = torch_backend._kernel
@@ -229,3 +229,23 @@ def test_rows_cover_what_schedulers_produce():
             seen.add(tuple((v == 0.0, v == 1.0) for v in row[:5]))
     listed = {tuple((v == 0.0, v == 1.0) for v in row) for row in ROWS}
     assert seen <= listed, seen - listed
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_large_latent_loop_matches_diffusers(prediction_type):
+    """End to end through the kernel and the pool: a 25-step loop on a 1 MiB latent against diffusers'
+    scheduler on the same inputs (the same tolerance as tests/test_trajectory_parity.py)."""
+    pytest.importorskip("diffusers")
+    options = {"beta_schedule": "scaled_linear", "use_karras_sigmas": True, "prediction_type": prediction_type}
+    ours, theirs = kdpm2core.KDPM2DiscreteScheduler(**options, backend="torch"), diffusers_kdpm2(**options)
+    noise = torch.from_numpy(initial_noise((4, 4, 128, 128), 11))
+    results = []
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(25)
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            x = scheduler.step(torch.tanh(0.7 * model_input) - 0.1 * model_input, t, x, return_dict=False)[0]
+        results.append(x.numpy())
+    assert relative_error(*results) <= 1e-4
