@@ -139,11 +139,16 @@ class TorchBackend(ArrayAPIBackend):
                 or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
                 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
             ):
-                if floats and (a, b) in ((0.0, 1.0), (1.0, 0.0)) and c != 0.0 and p == 1.0 and q != 0.0:
-                    # epsilon: one kernel per output (Euler from the sample, midpoint from the stored sample)
-                    base = sample if a == 0.0 else stored
-                    return torch.add(base, model_output, alpha=c), torch.add(sample, model_output, alpha=q)
-                return _allocating(floats, a, b, c, p, q, stored, sample, model_output)
+                # small, on an accelerator, mixed or differentiated: each first kernel allocates its result. A
+                # few microseconds per call matter on small arrays, so the rows whose output is one
+                # ``x + coef*y`` (every epsilon row) call torch.add directly, as _combine would
+                if floats and (a, b) in ((0.0, 1.0), (1.0, 0.0)) and c != 0.0:
+                    prev = torch.add(sample if a == 0.0 else stored, model_output, alpha=c)
+                else:
+                    prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
+                if floats and p == 1.0 and q != 0.0:
+                    return prev, torch.add(sample, model_output, alpha=q)
+                return prev, _combine(None, ((p, sample), (q, model_output)))
             if floats and _kernel is not None:
                 fused = self._fused(a, b, c, p, q, stored, sample, model_output)
                 if fused is not None:
@@ -155,7 +160,7 @@ class TorchBackend(ArrayAPIBackend):
 
     def _fused(self, a, b, c, p, q, stored, sample, model_output):
         """Both outputs from the C kernel in one pass (contiguous float32/float64 CPU arrays of one dtype and
-        shape), or None where it does not apply. Kept lean: on a small latent it runs every substep."""
+        shape), or None where it does not apply."""
         dtype = sample.dtype
         if (
             dtype not in _KERNEL_DTYPES
@@ -198,8 +203,9 @@ PARALLEL_MIN = 1 << 18
 
 #: how many references a storage has (private torch API; without it there is no pool)
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-#: CPU arrays of at least this many bytes take the pooled outputs and the C kernel; smaller ones are cheap to
-#: allocate, and there the kernel's call costs more (ctypes) than the second pass over cached inputs
+#: CPU arrays of at least this many bytes take the pooled outputs and the C kernel. Smaller ones are cheap to
+#: allocate, and there the kernel saves nothing: its call and its outputs' allocation cost as much as torch's
+#: second kernel over inputs still in cache (docs/performance.md)
 LARGE_BYTES = 1 << 20
 #: buffers kept per (shape, dtype): a loop holds about five arrays of one shape (input, stored, both outputs
 #: and the model input) at a time
@@ -209,22 +215,6 @@ POOL_BUFFERS = 8
 @functools.lru_cache(maxsize=4096)
 def _cpu_scalar(value: float, dtype):
     return torch.tensor(value, dtype=dtype)
-
-
-def _allocating(floats, a, b, c, p, q, stored, sample, model_output):
-    """:meth:`TorchBackend.update` where each first kernel allocates its result (small arrays, accelerators,
-    autograd). A few microseconds per call matter for small arrays, so the epsilon rows (one kernel per
-    output) go straight to ``torch.add``."""
-    if floats:
-        if a == 0.0 and b == 1.0 and c != 0.0:
-            prev = torch.add(sample, model_output, alpha=c)
-        elif a == 1.0 and b == 0.0 and c != 0.0:
-            prev = torch.add(stored, model_output, alpha=c)
-        else:
-            prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
-        pred = torch.add(sample, model_output, alpha=q) if p == 1.0 and q != 0.0 else _combine(None, ((p, sample), (q, model_output)))
-        return prev, pred
-    return _combine(None, ((a, stored), (b, sample), (c, model_output))), _combine(None, ((p, sample), (q, model_output)))
 
 
 def _combine(dst, terms):
