@@ -97,13 +97,14 @@ static PyObject *py_update(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (PyErr_Occurred() || is_double < 0) return NULL;
     if (n < 0 || !ptr[0] || !ptr[1] || (!ptr[2] && k[0] != 0.0) || !ptr[3] || !ptr[4])
         return PyErr_Format(PyExc_ValueError, "update(): n < 0 or a null pointer");
-    output_t out[2];
+    output_t out[2] = {{NULL, {NULL, NULL, NULL}, {0.0, 0.0, 0.0}, 0, 0},
+                       {NULL, {NULL, NULL, NULL}, {0.0, 0.0, 0.0}, 0, 0}};
     out[0].dst = ptr[0];
     gather(&out[0], 3, ptr + 2, k);
     out[1].dst = ptr[1];
     gather(&out[1], 2, ptr + 3, k + 3);
     Py_BEGIN_ALLOW_THREADS
-    update(out, n, threads < 1 ? 1 : (int)threads, is_double);
+    update(out, n, threads < 1 ? 1 : threads > 1024 ? 1024 : (int)threads, is_double);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
