@@ -295,9 +295,7 @@ class KDPM2DiscreteScheduler:
     def scale_model_input(self, sample, timestep):
         """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
         self._check_array("sample", sample)
-        k = self._step_index
-        if k is None or k >= len(self._rows):
-            k = self._current_row(timestep)
+        k = self._current_row(timestep)
         if self._compiling():
             return sample * self._device_rows[k][6]
         return self._scale(sample, self._input_scale[k])
@@ -305,14 +303,11 @@ class KDPM2DiscreteScheduler:
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
         ``return_dict`` is true. Inputs are never modified."""
-        if not (self._backend.owns(sample) and self._backend.owns(model_output)):
-            self._check_array("sample", sample)
-            self._check_array("model_output", model_output)
+        self._check_array("sample", sample)
+        self._check_array("model_output", model_output)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
-        k = self._step_index
-        if k is None or k >= len(self._rows):
-            k = self._current_row(timestep)  # the first substep's look-up, or the error past the end
+        k = self._current_row(timestep)
         if self._compiling():
             # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
             # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
@@ -324,11 +319,10 @@ class KDPM2DiscreteScheduler:
             a, b, c, p, q, first = self._rows[k]
             if a and self._stored is None:
                 raise ValueError(f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index")
-        check = self.check_finite
-        if check:
+        if self.check_finite:
             self._require_finite(k, model_output=model_output, sample=sample)
         prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
-        if check:
+        if self.check_finite:
             self._require_finite(k, prev_sample=prev)
         self._stored = sample if first else None
         self._step_index = k + 1

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, initial_noise
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+
+from conftest import BACKENDS, initial_noise
 
 # case -> (backend, dtype, config, schedule); each case is saved before every substep and resumed from each
 CASES = {
@@ -366,10 +367,7 @@ def test_functional_state_resumes_in_new_process_bit_identical(resumed, case):
 
 def test_functional_checkpoint_rejects_another_plan_and_bad_index(tmp_path):
     from kdpm2core import functional as F
-    from kdpm2core.checkpoint import (
-        load_functional_checkpoint,
-        save_functional_checkpoint,
-    )
+    from kdpm2core.checkpoint import load_functional_checkpoint, save_functional_checkpoint
 
     plan = F.make_plan(num_inference_steps=4, backend="numpy", dtype="float64")
     x = np.ones(3)

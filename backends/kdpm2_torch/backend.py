@@ -160,12 +160,12 @@ class TorchBackend(ArrayAPIBackend):
 
     def _fused(self, a, b, c, p, q, stored, sample, model_output):
         """Both outputs from the C kernel in one pass (contiguous float32/float64 CPU arrays of one dtype and
-        shape), or None where it does not apply."""
+        shape), or None where it does not apply. :meth:`update` calls it only for a large CPU ``sample`` with
+        ``model_output`` of the same dtype."""
         dtype = sample.dtype
         if (
             dtype not in _KERNEL_DTYPES
             or not sample.is_contiguous()
-            or model_output.dtype != dtype
             or not model_output.is_cpu
             or not model_output.is_contiguous()
             or model_output.shape != sample.shape
