@@ -295,7 +295,7 @@ def main(argv=None) -> int:
         print("diffusers is not installed: only the jax row runs (pip install diffusers)", file=sys.stderr)
         args.skip += ["small", "large", "set_timesteps", "cold"]
     if "small" not in args.skip:
-        rows += substep_rows((1, 4, 64, 64), args.device, repeats * 3, floor=False)
+        rows += substep_rows((1, 4, 64, 64), args.device, repeats * 10, floor=False)  # a loop is only 1 to 3 ms
     if "large" not in args.skip:
         rows += substep_rows((16, 4, 256, 256), args.device, repeats, floor=True)
     if "set_timesteps" not in args.skip:

@@ -71,8 +71,7 @@ class TorchBackend(ArrayAPIBackend):
         caller's back. At most :data:`POOL_BUFFERS` buffers per shape are kept; :meth:`release_buffers`
         frees them.
         """
-        size = like.numel() * like.element_size()
-        if _USE_COUNT is None or not like.is_cpu or size < LARGE_BYTES or not like.is_contiguous() or self.compiling():
+        if _USE_COUNT is None or not like.is_cpu or like.nbytes < LARGE_BYTES or not like.is_contiguous() or self.compiling():
             return torch.empty_like(like)
         key = (tuple(like.shape), like.dtype)
         with self._pool_lock:
@@ -107,9 +106,9 @@ class TorchBackend(ArrayAPIBackend):
         much as the multiply itself on a 1x4x64x64 latent. The same bits either way: the kernel rounds a
         Python factor to ``x``'s dtype too (half precision keeps it in float32, so those stay on floats).
         Large results come from the buffer pool, as the step's do."""
-        if x.is_cpu and type(factor) is float and x.dtype in _KERNEL_DTYPES:
-            scalar = _cpu_scalar(factor, x.dtype)
-            if x.numel() * x.element_size() < LARGE_BYTES or (x.requires_grad and torch.is_grad_enabled()):
+        scalar = _cpu_scalar(factor, x.dtype) if type(factor) is float and x.is_cpu else None
+        if scalar is not None:
+            if x.nbytes < LARGE_BYTES or (x.requires_grad and torch.is_grad_enabled()):
                 return torch.mul(x, scalar)
             return torch.mul(x, scalar, out=self._output(x))
         return x * factor
@@ -131,28 +130,23 @@ class TorchBackend(ArrayAPIBackend):
         order, so bit for bit what the torch kernels give: torch's kernels read the inputs once per output, and
         on a large array memory traffic is the whole cost.
         """
-        floats = type(a) is float and type(b) is float and type(c) is float and type(p) is float and type(q) is float
-        if out is None:
-            if (
-                not sample.is_cpu
-                or sample.numel() * sample.element_size() < LARGE_BYTES
-                or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
-                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
-            ):
-                # small, on an accelerator, mixed or differentiated: each first kernel allocates its result. A
-                # few microseconds per call matter on small arrays, so the rows whose output is one
-                # ``x + coef*y`` (every epsilon row) call torch.add directly, as _combine would
-                if floats and (a, b) in ((0.0, 1.0), (1.0, 0.0)) and c != 0.0:
-                    prev = torch.add(sample if a == 0.0 else stored, model_output, alpha=c)
-                else:
-                    prev = _combine(None, ((a, stored), (b, sample), (c, model_output)))
-                if floats and p == 1.0 and q != 0.0:
-                    return prev, torch.add(sample, model_output, alpha=q)
-                return prev, _combine(None, ((p, sample), (q, model_output)))
-            if floats and _kernel is not None:
-                fused = self._fused(a, b, c, p, q, stored, sample, model_output)
-                if fused is not None:
-                    return fused
+        floats = type(a) is type(b) is type(c) is type(p) is type(q) is float
+        if out is None and (
+            sample.nbytes < LARGE_BYTES
+            or not sample.is_cpu
+            or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
+        ):
+            # small, on an accelerator, mixed or differentiated: each first kernel allocates its result. A
+            # small substep costs a few microseconds, so every epsilon row (each output one ``x + coef*y``)
+            # calls torch.add directly, as _combine would, with the fewest Python steps first
+            if floats and p == 1.0 and c != 0.0 and q != 0.0 and (a, b) in ((0.0, 1.0), (1.0, 0.0)):
+                return torch.add(sample if a == 0.0 else stored, model_output, alpha=c), torch.add(sample, model_output, alpha=q)
+            return _combine(None, ((a, stored), (b, sample), (c, model_output))), _combine(None, ((p, sample), (q, model_output)))
+        if out is None and floats and _kernel is not None:
+            fused = self._fused(a, b, c, p, q, stored, sample, model_output)
+            if fused is not None:
+                return fused
         prev, pred = (self._output(sample), self._output(sample)) if out is None else out
         _combine(prev, ((a, stored), (b, sample), (c, model_output)))
         _combine(pred, ((p, sample), (q, model_output)))
@@ -214,7 +208,8 @@ POOL_BUFFERS = 8
 
 @functools.lru_cache(maxsize=4096)
 def _cpu_scalar(value: float, dtype):
-    return torch.tensor(value, dtype=dtype)
+    """``value`` as a 0-d CPU tensor of ``dtype``, or None for dtypes other than float32 and float64."""
+    return torch.tensor(value, dtype=dtype) if dtype in _KERNEL_DTYPES else None
 
 
 def _combine(dst, terms):
