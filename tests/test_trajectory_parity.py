@@ -311,6 +311,49 @@ def test_index_for_timestep_with_torch_tensors():
         ours.index_for_timestep(ours.timesteps[:2])
 
 
+def _general_start(scheduler, value) -> int:
+    """The loop start by the general rule: index_for_timestep, then the Euler half of a midpoint landing."""
+    index = scheduler.index_for_timestep(value)
+    if scheduler._rows[index][0]:
+        index = int(np.flatnonzero(scheduler._host_timesteps == scheduler._host_timesteps[index])[0])
+    return index
+
+
+@pytest.mark.parametrize("schedule", [{"num_inference_steps": 10}, {"num_inference_steps": 1}, {"sigmas": [200.0, 150.0, 100.0, 1.0, 0.0]}])
+def test_first_step_look_up_is_the_general_rule(schedule):
+    """The first step finds its index with one dict look-up (``_starts``) for a scalar that is a schedule
+    value; it must start where the general rule starts, for every value and every form of timestep, including
+    timesteps clamped to the same value above the training range (the custom sigmas here give 999 five times).
+    Where diffusers' rule applies unchanged (no duplicates), that is diffusers' index too."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch backend not installed")
+    ours = KDPM2DiscreteScheduler(backend="torch")
+    ours.set_timesteps(**schedule)
+    values = sorted(set(ours._host_timesteps.tolist()), reverse=True)
+    assert len(ours._starts) == len(values)
+    duplicated = len(values) < len(ours._host_timesteps)
+    for value in values:
+        expected = _general_start(ours, value)
+        t = torch.tensor(value, dtype=torch.float32)
+        forms = [t, t.double(), value, t.reshape(1), np.float32(value)] + ([int(value)] if value.is_integer() else [])
+        for form in forms:
+            ours._step_index = None
+            ours._init_step_index(form)
+            assert ours.step_index == expected, (value, form)
+    if not duplicated:  # diffusers has no custom sigmas; its first step starts at each position as ours does
+        ref = diffusers_kdpm2()
+        ref.set_timesteps(**schedule)
+        for position, t in enumerate(ours.timesteps):
+            ours._step_index = ref._step_index = None
+            ours._init_step_index(t)
+            ref._init_step_index(ref.timesteps[position])
+            assert ours.step_index == ref.step_index == position
+    assert duplicated == ("sigmas" in schedule)
+    ours._step_index = None
+    with pytest.raises(ValueError, match="not in the schedule"):
+        ours._init_step_index(torch.tensor(values[0] + 0.5))
+
+
 # ---- prediction_type="sample" (diffusers raises NotImplementedError for it) ------------------------------------
 @pytest.mark.parametrize("kw", [GRID[0], GRID[5], GRID[11]], ids=_id)
 def test_sample_prediction_equals_epsilon_prediction_of_the_same_denoiser(kw, backend_name):
