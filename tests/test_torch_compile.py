@@ -84,3 +84,41 @@ def test_functional_step_compiles_into_one_graph():
     assert counter.graphs == 1
     assert int(state.index) == F.num_substeps(plan) == 19
     assert np.all(np.isfinite(x.numpy()))
+
+
+def test_dynamic_shapes_compile_for_both_apis():
+    """``dynamic=True`` (and Dynamo's own switch to dynamic shapes when a second latent size arrives) traces the
+    backend's size checks on symbolic sizes: they must stay expressible there (``numel() * element_size()``,
+    not ``nbytes``), with the eager numbers for every latent size."""
+    plan = F.make_plan(num_inference_steps=4, backend="torch")
+
+    def stateful(scheduler, x, t):
+        scaled = scheduler.scale_model_input(x, t)
+        return scaled, scheduler.step(_model(scaled, t), t, x, return_dict=False)
+
+    def functional(state, x):
+        scaled, timestep = F.model_inputs(plan, state, x)
+        return F.step(plan, state, _model(scaled, timestep), x)
+
+    torch._dynamo.reset()
+    compiled_stateful = torch.compile(stateful, backend=GraphCounter(), fullgraph=True, dynamic=True)
+    compiled_functional = torch.compile(functional, backend=GraphCounter(), fullgraph=True, dynamic=True)
+    for shape in [(1, 4, 8, 8), (2, 4, 16, 16), (1, 4, 24, 24)]:
+        x0 = torch.from_numpy(initial_noise(shape) * 14.6)
+        runs = []
+        for substep in (compiled_stateful, stateful):
+            scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+            scheduler.set_timesteps(4)
+            scheduler.set_begin_index(0)
+            x, outputs = x0, []
+            for t in scheduler.timesteps:
+                scaled, (x, pred) = substep(scheduler, x, t)
+                outputs += [scaled, x, pred]
+            runs.append(outputs)
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), shape
+        x, state = x0, F.init(plan, x0)
+        y, reference = x0, F.init(plan, x0)
+        for _ in range(F.num_substeps(plan)):
+            (x, _), state = compiled_functional(state, x)
+            (y, _), reference = functional(reference, y)
+            assert torch.equal(x, y), shape

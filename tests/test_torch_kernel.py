@@ -249,3 +249,20 @@ def test_large_latent_loop_matches_diffusers(prediction_type):
             x = scheduler.step(torch.tanh(0.7 * model_input) - 0.1 * model_input, t, x, return_dict=False)[0]
         results.append(x.numpy())
     assert relative_error(*results) <= 1e-4
+
+
+def test_sparse_tensors_take_torchs_kernels():
+    """Sparse COO latents have no ``nbytes`` and no data pointer: the fast paths' size checks must not touch
+    them, and the loop must give the dense loop's numbers."""
+    sparse, dense = (kdpm2core.KDPM2DiscreteScheduler(backend="torch") for _ in range(2))
+    for scheduler in (sparse, dense):
+        scheduler.set_timesteps(3)
+        scheduler.set_begin_index(0)
+    x = torch.from_numpy(initial_noise((6, 6))) * torch.eye(6)
+    y = x.to_sparse()
+    for t in sparse.timesteps:
+        model_output = torch.tanh(x) * torch.eye(6)
+        scaled = sparse.scale_model_input(y, t)
+        assert scaled.is_sparse and torch.equal(scaled.to_dense(), dense.scale_model_input(x, t))
+        (y, pred_sparse), (x, pred) = sparse.step(model_output.to_sparse(), t, y, return_dict=False), dense.step(model_output, t, x, return_dict=False)
+        assert y.is_sparse and torch.equal(y.to_dense(), x) and torch.equal(pred_sparse.to_dense(), pred)

@@ -311,36 +311,47 @@ def test_index_for_timestep_with_torch_tensors():
         ours.index_for_timestep(ours.timesteps[:2])
 
 
-def _general_start(scheduler, value) -> int:
-    """The loop start by the general rule: index_for_timestep, then the Euler half of a midpoint landing."""
-    index = scheduler.index_for_timestep(value)
-    if scheduler._rows[index][0]:
-        index = int(np.flatnonzero(scheduler._host_timesteps == scheduler._host_timesteps[index])[0])
-    return index
-
-
 @pytest.mark.parametrize("schedule", [{"num_inference_steps": 10}, {"num_inference_steps": 1}, {"sigmas": [200.0, 150.0, 100.0, 1.0, 0.0]}])
-def test_first_step_look_up_is_the_general_rule(schedule):
-    """The first step finds its index with one dict look-up (``_starts``) for a scalar that is a schedule
-    value; it must start where the general rule starts, for every value and every form of timestep, including
-    timesteps clamped to the same value above the training range (the custom sigmas here give 999 five times).
-    Where diffusers' rule applies unchanged (no duplicates), that is diffusers' index too."""
+def test_first_step_look_up(schedule, monkeypatch):
+    """The first step recognises the schedule's first timestep with one comparison and starts where the
+    general rule starts; every other value and form of timestep takes the general rule. The custom sigmas here
+    clamp the first five timesteps to 999, where the rule (the second of duplicates) lands on a midpoint
+    substep and the loop starts at its Euler half. Without custom sigmas, diffusers starts at each position
+    as we do."""
     if "torch" not in BACKENDS:
         pytest.skip("torch backend not installed")
     ours = KDPM2DiscreteScheduler(backend="torch")
     ours.set_timesteps(**schedule)
-    values = sorted(set(ours._host_timesteps.tolist()), reverse=True)
-    assert len(ours._starts) == len(values)
+    values = list(dict.fromkeys(ours._host_timesteps.tolist()))
     duplicated = len(values) < len(ours._host_timesteps)
+    assert duplicated == ("sigmas" in schedule)
+    starts = {}
     for value in values:
-        expected = _general_start(ours, value)
+        index = ours.index_for_timestep(value)
+        while ours._rows[index][0] and ours._host_timesteps[index - 1] == value:
+            index -= 1
+        starts[value] = index
         t = torch.tensor(value, dtype=torch.float32)
-        forms = [t, t.double(), value, t.reshape(1), np.float32(value)] + ([int(value)] if value.is_integer() else [])
-        for form in forms:
+        for form in [t, t.double(), value, t.reshape(1), np.float32(value)] + ([int(value)] if value.is_integer() else []):
             ours._step_index = None
             ours._init_step_index(form)
-            assert ours.step_index == expected, (value, form)
-    if not duplicated:  # diffusers has no custom sigmas; its first step starts at each position as ours does
+            assert ours.step_index == index, (value, form)
+    assert starts[values[0]] == 0
+    # the first timestep never reaches the general rule (no host conversion, no search)
+    monkeypatch.setattr(ours, "index_for_timestep", None)
+    for form in (ours.timesteps[0], values[0]):
+        ours._step_index = None
+        ours._init_step_index(form)
+        assert ours.step_index == 0
+    monkeypatch.undo()
+    # what float() refuses goes to the general rule, with its result or its error
+    ours._step_index = None
+    ours._init_step_index(torch.tensor(complex(values[0], 0.0)))
+    assert ours.step_index == 0
+    ours._step_index = None
+    with pytest.raises(NotImplementedError, match="meta"):
+        ours._init_step_index(torch.empty((), device="meta"))
+    if not duplicated:
         ref = diffusers_kdpm2()
         ref.set_timesteps(**schedule)
         for position, t in enumerate(ours.timesteps):
@@ -348,7 +359,6 @@ def test_first_step_look_up_is_the_general_rule(schedule):
             ours._init_step_index(t)
             ref._init_step_index(ref.timesteps[position])
             assert ours.step_index == ref.step_index == position
-    assert duplicated == ("sigmas" in schedule)
     ours._step_index = None
     with pytest.raises(ValueError, match="not in the schedule"):
         ours._init_step_index(torch.tensor(values[0] + 0.5))

@@ -71,7 +71,7 @@ class TorchBackend(ArrayAPIBackend):
         caller's back. At most :data:`POOL_BUFFERS` buffers per shape are kept; :meth:`release_buffers`
         frees them.
         """
-        if _USE_COUNT is None or not like.is_cpu or like.nbytes < LARGE_BYTES or not like.is_contiguous() or self.compiling():
+        if _USE_COUNT is None or not like.is_cpu or like.numel() * like.element_size() < LARGE_BYTES or not like.is_contiguous() or self.compiling():
             return torch.empty_like(like)
         key = (tuple(like.shape), like.dtype)
         with self._pool_lock:
@@ -108,7 +108,7 @@ class TorchBackend(ArrayAPIBackend):
         Large results come from the buffer pool, as the step's do."""
         scalar = _cpu_scalar(factor, x.dtype) if type(factor) is float and x.is_cpu else None
         if scalar is not None:
-            if x.nbytes < LARGE_BYTES or (x.requires_grad and torch.is_grad_enabled()):
+            if x.numel() * x.element_size() < LARGE_BYTES or (x.requires_grad and torch.is_grad_enabled()):
                 return torch.mul(x, scalar)
             return torch.mul(x, scalar, out=self._output(x))
         return x * factor
@@ -132,8 +132,8 @@ class TorchBackend(ArrayAPIBackend):
         """
         floats = type(a) is type(b) is type(c) is type(p) is type(q) is float
         if out is None and (
-            sample.nbytes < LARGE_BYTES
-            or not sample.is_cpu
+            not sample.is_cpu  # first: on an accelerator the size does not matter
+            or sample.numel() * sample.element_size() < LARGE_BYTES  # (not nbytes: dynamic shapes, sparse)
             or model_output.dtype != sample.dtype  # mixed dtypes: torch's promotion picks the result's
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (stored, sample, model_output)))
         ):
