@@ -3,7 +3,7 @@
 #   1. the conformance suite on torch (every torch device, CUDA included) and on JAX (its GPU, if jax has one)
 #   2. the CUDA tests: sync-free loops under torch.cuda.set_sync_debug_mode("error"), CUDA-graph replay of the
 #      functional step, plus the functional, torch.compile and C-kernel tests on this machine
-#   3. the benchmarks with the substep rows on CUDA
+#   3. the benchmarks with the substep rows on CUDA (their targets are set for torch CPU: shown, not judged)
 # Logs and JSON go to $OUT (default benchmarks/results/gpu). Exit status 0 only if every part passed.
 #
 #   bash benchmarks/gpu_check.sh

@@ -58,10 +58,11 @@ def interleaved(functions: dict, repeats: int, *, self_timed: bool = False) -> d
     return times
 
 
-def row(name, ours: list, reference: list, target=None, *, unit="ms", scale=1e3, kind="max", note=""):
-    """A table row from repeated timings of ours and of the reference: the ratio of their medians."""
+def row(name, ours: list, reference: list, target=None, *, judged=True, unit="ms", scale=1e3, kind="max", note=""):
+    """A table row from repeated timings of ours and of the reference: the ratio of their medians. A target
+    with ``judged=False`` is shown for reference but not checked (``ok`` is None)."""
     ratio = statistics.median(ours) / statistics.median(reference)
-    ok = None if target is None else (ratio <= target if kind == "max" else ratio >= target)
+    ok = None if target is None or not judged else (ratio <= target if kind == "max" else ratio >= target)
     return {
         "benchmark": name,
         "ours": statistics.median(ours) * scale,
@@ -121,9 +122,10 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
     if floor:  # the machine's copy bandwidth: the faster copy of each round
         per["floor"] = [min(values) for values in zip(*(per[name] for name in calls if name.startswith("floor")))]
     target = 0.25 if big else 0.33
-    rows = [row(f"substep ({label}, {device})", per["ours"], per["diffusers"], target, note="scale_model_input + step")]
+    judged = torch.device(device).type == "cpu"  # the issue sets the substep targets for torch CPU
+    rows = [row(f"substep ({label}, {device})", per["ours"], per["diffusers"], target, judged=judged, note="scale_model_input + step")]
     if floor:
-        rows.append(row(f"step vs memory floor ({label})", per["ours step only"], per["floor"], 1.3, note="floor: read 2 + write 2 arrays"))
+        rows.append(row(f"step vs memory floor ({label})", per["ours step only"], per["floor"], 1.3, judged=judged, note="floor: read 2 + write 2 arrays"))
         rows.append(row(f"substep vs memory floor ({label})", per["ours"], per["floor"], note="scale_model_input reads 1 + writes 1 more"))
     return rows
 
@@ -257,11 +259,13 @@ def table(rows: list[dict]) -> str:
     header = f"{'benchmark':40} {'ours':>11} {'diffusers/ref':>13} {'ratio':>7} {'(minima)':>9} {'target':>8}  ok"
     lines = [header, "-" * len(header)]
     for r in rows:
-        ok = "" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        ok = ("" if r["target"] is None else "-") if r["ok"] is None else ("yes" if r["ok"] else "NO")
         lines.append(
             f"{r['benchmark']:40} {r['ours']:>8.3f} {r['unit']:2} {r['reference']:>10.3f} {r['unit']:2} "
             f"{r['ratio']:>7.3f} {r['ratio_of_minima']:>9.3f} {r['target'] or '':>8}  {ok}"
         )
+    if any(r["ok"] is None and r["target"] is not None for r in rows):
+        lines.append("-: a target set for torch CPU, shown for reference")
     return "\n".join(lines)
 
 

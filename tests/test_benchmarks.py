@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NO_ROWS = ["--skip", "small", "--skip", "large", "--skip", "set_timesteps", "--skip", "cold", "--skip", "jax"]
 
@@ -20,3 +22,19 @@ def test_no_page_faults_reruns_under_the_glibc_tunables(tmp_path):
     tunables = result["machine"]["glibc_tunables"] or ""
     assert "glibc.malloc.mmap_threshold=" in tunables and "glibc.malloc.trim_threshold=" in tunables
     assert result["rows"] == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy 2 deprecations
+def test_substep_targets_are_judged_on_torch_cpu_only():
+    from benchmarks import run
+
+    # the issue sets the substep and floor targets for torch CPU: on a GPU they are shown, not judged
+    judged = run.row("substep", [2.0], [4.0], 0.33)
+    shown = run.row("substep", [2.0], [4.0], 0.33, judged=False)
+    assert judged["ok"] is False and shown["ok"] is None and shown["target"] == judged["target"] == "<= 0.33"
+    lines = run.table([judged, shown]).splitlines()
+    assert lines[2].endswith("NO") and lines[3].endswith("-") and "torch CPU" in lines[4]
+    assert "torch CPU" not in run.table([judged])
+    # a real CPU run (a tiny latent, one round) is judged
+    rows = run.substep_rows((1, 4, 8, 8), "cpu", 1, floor=True)
+    assert [r["ok"] is None for r in rows] == [False, False, True]
