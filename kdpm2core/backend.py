@@ -114,6 +114,12 @@ class ArrayAPIBackend:
     def device(self, spec: Any) -> Any:
         if spec is None or spec == "cpu":
             return None
+        if not isinstance(spec, str):  # e.g. a torch.device given to a NumPy scheduler by a torch pipeline
+            kind = f"{type(spec).__module__}.{type(spec).__qualname__}"
+            raise ValueError(
+                f"device {spec!r} is a {kind}, not a device of backend {self.name!r} (its devices: {self.devices()}); "
+                "create the scheduler with the backend of your arrays, e.g. backend='torch'"
+            )
         raise ValueError(f"device {spec!r} is not available on backend {self.name!r}; it has {self.devices()}")
 
     def devices(self) -> list[str]:

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["DEFAULTS", "FrozenConfig", "validate_config", "load_config_file", "CONFIG_NAME", "MAX_CONFIG_BYTES"]
 
 CONFIG_NAME = "scheduler_config.json"
@@ -105,9 +107,9 @@ def _float(key, value):
 
 
 def _bool(key, value):
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):  # NumPy's bool too (configs built from arrays); never 0 or 1
         raise TypeError(f"{key} must be true or false, got {type(value).__name__} {value!r}")
-    return value
+    return bool(value)
 
 
 def _choice(key, value):

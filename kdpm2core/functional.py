@@ -227,10 +227,23 @@ def init_noise_sigma(plan: Plan) -> float:
 
 # -- one substep ------------------------------------------------------------------------------------------------
 def init(plan: Plan, sample: Array, index: int = 0) -> State:
-    """The state before substep ``index`` (an Euler substep: even, or the schedule's last) for ``sample``."""
-    n = num_substeps(plan)
-    if isinstance(index, int) and not 0 <= index < n:
-        raise ValueError(f"index must be in [0, {n - 1}], got {index}")
+    """The state before substep ``index`` for ``sample``.
+
+    ``index`` must be an Euler substep (even): a midpoint substep continues from the sample its Euler substep
+    started from, which only :func:`step` stores. An integer index is checked; a backend array (a traced
+    value in a compiled loop) is taken as it is.
+    """
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        n = num_substeps(plan)
+        if not 0 <= index < n:
+            raise ValueError(f"index must be in [0, {n - 1}], got {index}")
+        if not plan.info.base.table[index, 5]:
+            raise ValueError(
+                f"index {index} is a midpoint substep: it continues from the sample stored by the Euler substep "
+                f"before it, so start at an Euler substep ({index - 1}) and step from there"
+            )
+    elif not plan.info.backend.owns(index):
+        raise TypeError(f"index must be an integer or a 0-d integer array, got {type(index).__name__} {index!r}")
     backend = plan.info.backend
     # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
     extra = {} if plan.info.device is None else {"device": plan.info.device}

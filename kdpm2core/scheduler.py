@@ -27,10 +27,21 @@ STATE_FORMAT = "kdpm2.KDPM2DiscreteScheduler.state/1"
 
 
 class KDPM2DiscreteSchedulerOutput(NamedTuple):
-    """What :meth:`KDPM2DiscreteScheduler.step` returns (``out.prev_sample`` or ``out[0]``)."""
+    """What :meth:`KDPM2DiscreteScheduler.step` returns: ``out.prev_sample``, ``out[0]`` or, as diffusers'
+    outputs, ``out["prev_sample"]`` and ``out.to_tuple()``."""
 
     prev_sample: Any
     pred_original_sample: Any
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self._fields:
+                raise KeyError(f"{key!r}: a step's output has {', '.join(map(repr, self._fields))}")
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self)
 
 
 class KDPM2DiscreteScheduler:
@@ -103,8 +114,9 @@ class KDPM2DiscreteScheduler:
         return _config.validate_config(self.config)
 
     @classmethod
-    def from_config(cls, config=None, *, backend=None, check_finite: bool = False, **overrides) -> KDPM2DiscreteScheduler:
-        """Build from a diffusers config (any diffusers scheduler's), with keyword overrides."""
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, *, backend=None, check_finite: bool = False, **overrides):
+        """Build from a diffusers config (any diffusers scheduler's), with keyword overrides. With
+        ``return_unused_kwargs=True``, as in diffusers, returns ``(scheduler, the keys it did not use)``."""
         if config is None:
             config = {}
         if not isinstance(config, dict):
@@ -114,8 +126,9 @@ class KDPM2DiscreteScheduler:
         defaulted = config.get("_use_default_values")
         if isinstance(defaulted, (list, tuple)):
             config = {key: value for key, value in config.items() if key not in defaulted}
-        known, _ = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
-        return cls(**known, backend=backend, check_finite=check_finite)
+        known, unused = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
+        scheduler = cls(**known, backend=backend, check_finite=check_finite)
+        return (scheduler, unused) if return_unused_kwargs else scheduler
 
     @classmethod
     def from_pretrained(
@@ -254,7 +267,10 @@ class KDPM2DiscreteScheduler:
         value = self._host_array(timestep)
         if value.size != 1:
             raise ValueError(f"timestep must be a single value, got shape {value.shape}")
-        matches = np.flatnonzero(schedule == value.astype(schedule.dtype).reshape(()))
+        # a float timestep is rounded to a float schedule's dtype, as diffusers' comparison does (a float64
+        # 978.33 matches the float32 978.33); against integers it is compared as it is (998.5 matches nothing)
+        wanted = value.astype(schedule.dtype) if schedule.dtype.kind == "f" else value
+        matches = np.flatnonzero(schedule == wanted.reshape(()))
         if matches.size == 0:
             raise ValueError(f"timestep {value.item()!r} is not in the schedule; use a value from scheduler.timesteps")
         return int(matches[1 if matches.size > 1 else 0])
@@ -262,7 +278,7 @@ class KDPM2DiscreteScheduler:
     def _host_array(self, value) -> np.ndarray:
         if self._backend.owns(value):
             return np.asarray(self._backend.to_numpy(value))
-        if isinstance(value, (str, bytes)):  # np.asarray would parse "999" as a number
+        if value is None or isinstance(value, (str, bytes)):  # np.asarray makes None NaN and "999" a number
             raise TypeError(f"timestep must be a number or an array, got {type(value).__name__} {value!r}")
         try:
             return np.asarray(value, dtype=np.float64)
@@ -375,9 +391,10 @@ class KDPM2DiscreteScheduler:
             count = int(np.prod(getattr(timesteps, "shape", np.shape(timesteps))))
             index = self._begin_index if self._step_index is None else self._step_index
             indices = [index] * count
+        # as diffusers: the float32 sigmas rounded to the samples' dtype, one per batch entry (an array, never a
+        # Python float: that would skip the rounding in half precision, and a float32 sample with float16 noise
+        # would get a float16 product)
         sigmas = self._host.sigmas[indices].astype(np.float32)
-        if np.all(sigmas == sigmas[0]):
-            return original_samples + noise * float(sigmas[0])
         xp = self._backend.xp
         shape = (len(indices),) + (1,) * (original_samples.ndim - 1)
         sigma = self._backend.asarray(sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples))

@@ -122,6 +122,19 @@ def test_from_config_of_other_diffusers_schedulers_ignores_their_keys_quietly(na
     assert settings_of(diffusers.KDPM2DiscreteScheduler.from_config(other.config).config) == settings_of(ours.config)
 
 
+def test_from_config_returns_unused_keys_when_asked_as_diffusers_does():
+    config = {**SETTINGS, "my_custom_knob": 3, "clip_sample": False}
+    ours, unused = KDPM2DiscreteScheduler.from_config(config, return_unused_kwargs=True, another=1)
+    assert isinstance(ours, KDPM2DiscreteScheduler) and settings_of(ours.config) == expected_settings()
+    assert unused == {"my_custom_knob": 3, "clip_sample": False, "another": 1}
+    assert isinstance(KDPM2DiscreteScheduler.from_config(config, False), KDPM2DiscreteScheduler)
+
+
+def test_numpy_bools_are_bools():
+    ours = KDPM2DiscreteScheduler(use_karras_sigmas=np.bool_(True), use_beta_sigmas=np.False_)
+    assert ours.config.use_karras_sigmas is True and ours.config.use_beta_sigmas is False
+
+
 def test_truly_unknown_keys_warn_and_name_the_key():
     with pytest.warns(UserWarning, match="my_custom_knob"):
         ours = KDPM2DiscreteScheduler.from_config({"my_custom_knob": 3, "clip_sample": False, "_private": 1})

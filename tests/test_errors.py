@@ -178,6 +178,8 @@ def test_first_timestep_not_in_the_schedule(ready, timestep):
 def test_timestep_that_is_not_a_number(ready):
     scheduler, b, x = ready
     raises_naming("timestep", lambda: scheduler.step(x, "999", x))
+    error = raises_naming("timestep", lambda: scheduler.step(x, None, x), kinds=TypeError)  # not "timestep nan"
+    assert "None" in str(error) and "nan" not in str(error)
     raises_naming("timestep", lambda: scheduler.step(x, [999.0, 998.0], x), kinds=ValueError)
 
 
@@ -188,6 +190,20 @@ def test_stepping_past_the_end(ready):
     assert np.all(np.isfinite(b.to_numpy(x)))
     raises_naming("step_index", lambda: scheduler.step(x, scheduler.timesteps[-1], x), kinds=ValueError)
     raises_naming("step_index", lambda: scheduler.scale_model_input(x, scheduler.timesteps[-1]), kinds=ValueError)
+
+
+def test_float_timestep_against_an_integer_schedule_is_not_truncated():
+    scheduler = KDPM2DiscreteScheduler()
+    schedule = np.array([999, 998, 997])
+    assert scheduler.index_for_timestep(998, schedule) == scheduler.index_for_timestep(998.0, schedule) == 1
+    raises_naming("timestep", lambda: scheduler.index_for_timestep(998.5, schedule), kinds=ValueError)
+
+
+def test_device_of_another_library_names_the_backend_to_use():
+    torch = pytest.importorskip("torch")
+    scheduler = KDPM2DiscreteScheduler(backend="numpy")  # what a torch pipeline gets from from_config without backend=
+    error = raises_naming("device", lambda: scheduler.set_timesteps(5, device=torch.device("cpu")), kinds=ValueError)
+    assert "torch.device" in str(error) and "backend='torch'" in str(error)
 
 
 def test_midpoint_begin_index_without_euler_substep(ready):

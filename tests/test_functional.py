@@ -213,6 +213,25 @@ def test_churn_without_a_seed_is_refused():
         F.init(plan, np.zeros(2, dtype=np.float32), index=5)
 
 
+def test_init_refuses_midpoint_and_non_integer_indices():
+    """A midpoint substep continues from the sample its Euler substep stored; init has none to give it."""
+    plan = F.make_plan(num_inference_steps=3)
+    x = np.ones(2, dtype=np.float32)
+    for index in (1, 3, np.int64(3)):
+        with pytest.raises(ValueError, match=f"index {index} is a midpoint substep.*start at an Euler substep \\({index - 1}\\)"):
+            F.init(plan, x, index)
+    for index in (-1, np.int64(-1), 5, np.int32(5)):
+        with pytest.raises(ValueError, match=r"index must be in \[0, 4\]"):
+            F.init(plan, x, index)
+    for index in (2.0, True, "2", None):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            F.init(plan, x, index)
+    state = F.init(plan, x, np.int64(2))  # an Euler substep: continues as the loop would
+    assert int(state.index) == 2
+    (prev, _), _ = F.step(plan, state, np.zeros_like(x), x)
+    np.testing.assert_array_equal(prev, x)  # a zero prediction leaves an Euler substep's sample unchanged
+
+
 def test_out_buffers_receive_the_results(backend_name):
     backend = kdpm2core.get_backend(backend_name)
     plan = F.make_plan(num_inference_steps=3, backend=backend_name, prediction_type="v_prediction")

@@ -227,6 +227,35 @@ def test_add_noise_per_sample_timesteps(backend_kind):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtypes", [("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "float16")])
+def test_add_noise_in_low_precision_matches_diffusers(dtypes):
+    """diffusers rounds the float32 sigma to the samples' dtype before multiplying, and a float32 sample with
+    float16 noise gets a float32 product; one sigma for the whole batch or one each, the same rule."""
+    kw = _options("karras", "scaled_linear", ("leading", 1), "epsilon")
+    ref, ours = diffusers_kdpm2(**kw), KDPM2DiscreteScheduler(**kw, backend="torch")
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    x = torch.from_numpy(initial_noise(SHAPE)).to(getattr(torch, dtypes[0]))
+    noise = torch.from_numpy(initial_noise(SHAPE, seed=3)).to(getattr(torch, dtypes[1]))
+    for picks in ([2, 2], [2, 4], [6, 6]):
+        expected = ref.add_noise(x, noise, ref.timesteps[picks])
+        got = ours.add_noise(x, noise, ours.timesteps[picks])
+        assert got.dtype == expected.dtype == x.dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_step_output_reads_like_diffusers_output():
+    scheduler = KDPM2DiscreteScheduler(backend="torch")
+    scheduler.set_timesteps(5)
+    x = torch.from_numpy(initial_noise(SHAPE))
+    out = scheduler.step(x, scheduler.timesteps[0], x)
+    prev, pred = out  # a tuple of two, as return_dict=False gives
+    assert out["prev_sample"] is out.prev_sample is out[0] is prev and out["pred_original_sample"] is pred
+    assert out.to_tuple() == (prev, pred) and out[:1] == (prev,)
+    with pytest.raises(KeyError, match="prev_sample"):
+        out["sample"]
+
+
 # ---- the duplicate-timestep rule for the first step ------------------------------------------------------------
 def test_duplicate_timesteps_first_step_rule(backend_name):
     """Karras sigmas with many steps round several timesteps to the same integer. Starting a loop at such a
