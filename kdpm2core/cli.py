@@ -203,16 +203,19 @@ def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples
 
 
 def _framework_version(backend, name: str) -> str:
-    """``backend.version``, else the installed version of the module the backend needs, else its plugin's."""
+    """``backend.version``, else the version of the distribution that installs the module the backend needs
+    (``yaml`` comes from PyYAML), else its plugin's."""
     version = getattr(backend, "version", None)
     if version:
         return str(version)
     entry = registry().entries.get(name)
     if entry is None:
         return "?"
+    owners = importlib.metadata.packages_distributions() if entry.requires else {}
     for module in entry.requires:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(module)
+        for dist in owners.get(module) or [module]:  # a module no distribution records: try its own name
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(dist)
     if entry.distribution:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return f"{entry.distribution} {importlib.metadata.version(entry.distribution)}"
@@ -266,9 +269,13 @@ def cli(ctx):
 @cli.command(short_help="Registered backends and whether they work.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def backends(as_json):
-    """List the registered backends: version, devices, float64 support, distribution and status."""
+    """List the registered backends: version, devices, float64 support, distribution and status.
+
+    Every backend is built (its framework imported), so one that fails to build is listed as failed: the
+    statuses are those of kdpm2core.backend_report(build=True).
+    """
     rows = []
-    for row in backend_report():
+    for row in backend_report(build=True):
         info = {"name": row["name"], "version": None, "devices": [], "float64": None,
                 "distribution": row["distribution"], "status": row["status"]}
         if row["status"] == "ok":
@@ -277,7 +284,7 @@ def backends(as_json):
                 info.update(version=_framework_version(backend, row["name"]), devices=list(backend.devices()),
                             float64=bool(backend.float64))
             except Exception as exc:  # a broken third-party backend is a row of the table, not a crash
-                info["status"] = f"failed: {exc}"
+                info["status"] = " ".join(f"failed: {exc}".split())  # one line: one table row
         rows.append(info)
     if as_json:
         _emit_json({"backends": rows})

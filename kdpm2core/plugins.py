@@ -1,13 +1,16 @@
 """Backend discovery: plugins register through the ``kdpm2`` entry-point group, loaded lazily and once.
 
-First-party backends (numpy, torch, jax) use the same entry-point group as third-party ones. A plugin
-that fails to import, raises while registering, or registers something malformed is reported (a warning,
-and its row in :func:`backend_report`) and skipped; it never breaks ``import kdpm2core`` or other backends.
+First-party backends (numpy, torch, jax) use the same entry-point group as third-party ones, and their
+names stay theirs: another plugin's registration of one is refused. A plugin that fails to import, has a
+hook kdpm2 does not know (or no hook), raises while registering, or registers something malformed is
+reported (a warning, and its row in :func:`backend_report`) and skipped; it never breaks ``import kdpm2core``
+or other backends.
 ``KDPM2_LOAD_PLUGINS=name1,name2`` limits which entry points load (empty string: none).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -85,11 +88,22 @@ def _selected() -> set[str] | None:
     return {item.strip() for item in value.split(",") if item.strip()}
 
 
-def _load() -> _Registry:
+def _one_line(text: str) -> str:
+    """``text`` with its whitespace runs (pluggy's messages have newlines) as single spaces: one table row."""
+    return " ".join(str(text).split())
+
+
+def _load() -> tuple[_Registry, list[str]]:
+    """Read the entry points and register their backends; returns the registry and the warnings to emit."""
     manager = pluggy.PluginManager("kdpm2")
     manager.add_hookspecs(hookspecs)
-    entries: dict[str, BackendEntry] = {}
     failures: list[BackendEntry] = []
+    messages: list[str] = []
+
+    def fail(plugin: str, dist: str | None, reason: str, name: str | None = None) -> None:
+        failures.append(BackendEntry(name or plugin, None, (), plugin, dist, _one_line(reason)))
+        messages.append(_one_line(f"kdpm2 plugin {plugin!r} from {dist!r}: {reason}"))
+
     distributions: dict[str, str | None] = {}
     eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
     wanted = _selected()
@@ -102,15 +116,28 @@ def _load() -> _Registry:
         plugin = ep.name if not manager.has_plugin(ep.name) else f"{ep.name} ({dist})"
         try:
             module = ep.load()
-            if manager.is_registered(module):
-                continue  # the same plugin module reached through two entry points
-            manager.register(module, name=plugin)
         except (Exception, SystemExit) as exc:  # a stranger's plugin must not break us, nor exit our process
-            failures.append(BackendEntry(plugin, None, (), plugin, dist, f"import failed: {exc!r}"))
-            _warn(f"kdpm2 plugin {ep.name!r} from {dist!r} failed to load and was skipped: {exc!r}")
+            fail(plugin, dist, f"import failed: {exc!r}")
+            continue
+        if manager.is_registered(module):
+            continue  # the same plugin module reached through two entry points
+        try:
+            manager.register(module, name=plugin)  # checks each hook's arguments against its hookspec
+            manager.check_pending()  # and that every hook is one of ours (a misspelt register_backend is not)
+        except (Exception, SystemExit) as exc:
+            manager.unregister(name=plugin)
+            if isinstance(exc, pluggy.PluginValidationError):
+                fail(plugin, dist, f"invalid hook: {exc}; kdpm2's hook is register_backends(register)")
+            else:
+                fail(plugin, dist, f"registering failed: {exc!r}")
+            continue
+        if not any(caller.has_spec() for caller in manager.get_hookcallers(module) or ()):
+            manager.unregister(name=plugin)
+            fail(plugin, dist, "implements no kdpm2 hook; expected @hookimpl def register_backends(register)")
             continue
         distributions[plugin] = dist
 
+    registered: list[BackendEntry] = []
     for impl in manager.hook.register_backends.get_hookimpls():
         plugin, dist = impl.plugin_name, distributions.get(impl.plugin_name)
         pending: list[BackendEntry] = []
@@ -127,26 +154,39 @@ def _load() -> _Registry:
         try:
             impl.function(register=register)
         except (Exception, SystemExit) as exc:
-            failures.append(BackendEntry(plugin, None, (), plugin, dist, f"register_backends raised {exc!r}"))
-            _warn(f"kdpm2 plugin {plugin!r} from {dist!r} failed to register backends and was skipped: {exc!r}")
+            fail(plugin, dist, f"register_backends raised {exc!r}")
             continue
-        for entry in pending:
-            # our own backends' frameworks are optional extras; a third-party plugin without its framework
-            # is a broken install worth a warning
-            if dist != FIRST_PARTY and not entry.installed:
-                _warn(f"kdpm2 backend {entry.name!r} from {dist!r} needs {', '.join(entry.requires)}, which is not installed; skipped")
-            other = entries.get(entry.name)
-            if other is None:
-                entries[entry.name] = entry
-                continue
-            message = (
-                f"backend {entry.name!r} is registered twice: by plugin {other.plugin!r} (distribution "
-                f"{other.distribution!r}) and by plugin {entry.plugin!r} (distribution {entry.distribution!r}); "
-                f"uninstall one, or limit loading with {LOAD_ENV}"
+        registered.extend(pending)
+
+    entries: dict[str, BackendEntry] = {}
+    # kdpm2's own registrations first: a name kdpm2 ships stays kdpm2's whatever else is installed
+    for entry in sorted(registered, key=lambda entry: entry.distribution != FIRST_PARTY):
+        other = entries.get(entry.name)
+        if other is not None and other.distribution == FIRST_PARTY and entry.distribution != FIRST_PARTY:
+            reason = (
+                f"backend {entry.name!r} belongs to kdpm2; its registration by plugin {entry.plugin!r} "
+                f"(distribution {entry.distribution!r}) was refused: choose another name"
             )
-            other.error = message
-            _warn(message)
-    return _Registry(manager, entries, failures)
+            fail(entry.plugin, entry.distribution, reason, name=f"{entry.name} ({entry.distribution})")
+            continue
+        # our own backends' frameworks are optional extras; a third-party plugin without its framework
+        # is a broken install worth a warning
+        if entry.distribution != FIRST_PARTY and not entry.installed:
+            messages.append(
+                f"kdpm2 backend {entry.name!r} from {entry.distribution!r} needs {', '.join(entry.requires)}, "
+                "which is not installed; skipped"
+            )
+        if other is None:
+            entries[entry.name] = entry
+            continue
+        message = (
+            f"backend {entry.name!r} is registered twice: by plugin {other.plugin!r} (distribution "
+            f"{other.distribution!r}) and by plugin {entry.plugin!r} (distribution {entry.distribution!r}); "
+            f"uninstall one, or limit loading with {LOAD_ENV}"
+        )
+        other.error = message
+        messages.append(message)
+    return _Registry(manager, entries, failures), messages
 
 
 def registry() -> _Registry:
@@ -154,7 +194,11 @@ def registry() -> _Registry:
     global _registry
     with _lock:
         if _registry is None:
-            _registry = _load()
+            _registry, messages = _load()
+            # warn only once the registry is stored: under ``-W error`` the first warning raises here, in the
+            # first lookup, and every later lookup still works
+            for message in messages:
+                _warn(message)
         return _registry
 
 
@@ -166,7 +210,11 @@ def reload_plugins() -> None:
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that are registered, healthy and whose framework is installed."""
+    """Names of the backends that are registered, not known to be broken, and whose framework can be found.
+
+    Cheap: it builds nothing and imports no framework, so a backend whose factory raises is listed until
+    something builds it (:func:`get_backend`, or ``backend_report(build=True)``).
+    """
     return sorted(name for name, entry in registry().entries.items() if entry.installed)
 
 
@@ -181,7 +229,10 @@ def get_backend(name: str | None = None):
     reg = registry()
     entry = reg.entries.get(name)
     if entry is None:
-        raise BackendError(f"unknown backend {name!r}; available backends: {', '.join(available_backends()) or 'none'}")
+        raise BackendError(
+            f"unknown backend {name!r}; available backends: {', '.join(available_backends()) or 'none'}"
+            + "".join(f"; plugin {e.plugin!r} ({e.distribution}) failed: {e.error}" for e in reg.failures)
+        )
     with _lock:  # the error check too: another thread may have just failed to build this backend
         if entry.error is not None:
             raise BackendError(entry.error)
@@ -214,14 +265,24 @@ _REQUIRED_ATTRIBUTES = ("name", "xp", "owns", "asarray", "to_numpy", "update")
 
 def _broken(entry: BackendEntry, message: str) -> BackendError:
     """Mark ``entry`` failed (its report row says why; later lookups fail fast), warn, return the error."""
-    entry.error = message
-    _warn(message)
-    return BackendError(message)
+    entry.error = _one_line(message)
+    _warn(entry.error)
+    return BackendError(entry.error)
 
 
-def backend_report() -> list[dict]:
-    """One row per registered backend and per failed plugin: name, plugin, distribution, status."""
+def backend_report(build: bool = False) -> list[dict]:
+    """One row per registered backend and per failed plugin: name, plugin, distribution, status.
+
+    By default nothing is built or imported: ``ok`` means registered, not known to be broken, and its framework
+    can be found. With ``build=True`` every such backend is built first (importing its framework), so ``ok``
+    means it loads; this is what ``kdpm2 backends`` shows.
+    """
     reg = registry()
+    if build:
+        for name, entry in reg.entries.items():
+            if entry.error is None and entry.installed:
+                with contextlib.suppress(BackendError):  # the failure is now the entry's error: its row says why
+                    get_backend(name)
     rows = []
     for entry in list(reg.entries.values()) + reg.failures:
         if entry.error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -14,8 +15,26 @@ import pytest
 from kdpm2core.testing import cases
 from kdpm2core.testing.reference import Gaussian, sample_dpm2, substep_sigmas
 from kdpm2core.testing.support import Case, assert_close
+from test_plugin_isolation import make_distribution
 
 pytest_plugins = ["pytester"]
+
+# NumPy under another name, as a plugin distribution; its known failures come from $NUMPY_COPY_XFAIL (JSON)
+NUMPY_COPY = """
+import json, os
+from kdpm2core import hookimpl
+
+def make():
+    import array_api_compat.numpy
+    from kdpm2core.backend import ArrayAPIBackend
+    backend = ArrayAPIBackend("numpy-copy", array_api_compat.numpy)
+    backend.conformance_xfail = json.loads(os.environ.get("NUMPY_COPY_XFAIL", "{}"))
+    return backend
+
+@hookimpl
+def register_backends(register):
+    register("numpy-copy", make, requires=("numpy",))
+"""
 
 
 def test_reference_is_second_order_on_the_gaussian():
@@ -71,42 +90,102 @@ def test_reference_data_is_compact_and_complete():
     assert size < 2 * 1024 * 1024
 
 
-def test_matrix_comes_from_the_registry(pytester, monkeypatch):
-    """A newly installed plugin (a dist-info with a ``kdpm2`` entry point) joins the matrix with no edit to the
-    suite; a dtype it lacks is listed as skipped with the reason, and its declared known failure is an xfail."""
+@pytest.fixture
+def numpy_copy(pytester, monkeypatch):
+    """pytester, with the plugin distribution of NUMPY_COPY installed next to its test files, and a test file
+    whose ``test_two`` fails on any backend but numpy and ``test_dtype`` on numpy-copy in float16 only."""
+    make_distribution(pytester.path, "kdpm2-numpy-copy", "numpy-copy", NUMPY_COPY)
     pytester.makepyfile(
-        kdpm2_numpy_copy="""
-        from kdpm2core import hookimpl
-
-        def make():
-            import array_api_compat.numpy
-            from kdpm2core.backend import ArrayAPIBackend
-            backend = ArrayAPIBackend("numpy-copy", array_api_compat.numpy)
-            backend.conformance_xfail = {"test_two": "a known failure of this backend"}
-            return backend
-
-        @hookimpl
-        def register_backends(register):
-            register("numpy-copy", make, requires=("numpy",))
-        """,
         test_matrix="""
         def test_one(kdpm2_case):
             assert kdpm2_case.backend.name == kdpm2_case.backend_name
 
         def test_two(kdpm2_target):
             assert kdpm2_target.backend_name == "numpy"
+
+        def test_dtype(kdpm2_case):
+            assert (kdpm2_case.backend_name, kdpm2_case.dtype_name) != ("numpy-copy", "float16")
         """,
     )
-    info = pytester.mkdir("kdpm2_numpy_copy-0.1.dist-info")
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kdpm2-numpy-copy\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[kdpm2]\nnumpy-copy = kdpm2_numpy_copy\n")
     monkeypatch.setenv("PYTHONPATH", str(pytester.path), prepend=os.pathsep)
     monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy,numpy-copy")
-    result = pytester.runpytest_subprocess("-rsx", "-p", "no:cacheprovider", "-v")
+    return pytester
+
+
+def known_failures(monkeypatch, mapping: dict) -> None:
+    monkeypatch.setenv("NUMPY_COPY_XFAIL", json.dumps(mapping))
+
+
+def test_matrix_comes_from_the_registry(numpy_copy, monkeypatch):
+    """A newly installed plugin (a dist-info with a ``kdpm2`` entry point) joins the matrix with no edit to the
+    suite; a dtype it lacks is listed as skipped with the reason, and its declared known failure is an xfail."""
+    known_failures(monkeypatch, {"test_two": "a known failure of this backend", "test_dtype": "no float16"})
+    result = numpy_copy.runpytest_subprocess("-rsx", "-p", "no:cacheprovider", "-v", "-k", "not test_dtype")
     result.stdout.fnmatch_lines(["*test_one?numpy-cpu-float64?*PASSED*", "*test_one?numpy-copy-cpu-float32?*PASSED*",
                                  "*backend 'numpy-copy' has no bfloat16 dtype*",
                                  "*XFAIL*test_two?numpy-copy-cpu?*a known failure of this backend*"])
-    result.assert_outcomes(passed=7, skipped=2, xfailed=1)
+    result.assert_outcomes(passed=7, skipped=2, xfailed=1, deselected=8)
+
+
+def test_known_failure_of_one_parametrization(numpy_copy, monkeypatch):
+    # strict: the key must select exactly the failing float16 case, or a passing case would XPASS and fail
+    known_failures(monkeypatch, {"test_dtype[numpy-copy-cpu-float16]": "no float16 arithmetic"})
+    result = numpy_copy.runpytest_subprocess("-rsx", "-p", "no:cacheprovider", "-v", "-k", "test_dtype")
+    result.stdout.fnmatch_lines(["*XFAIL*test_dtype?numpy-copy-cpu-float16?*no float16 arithmetic*"])
+    result.assert_outcomes(passed=5, skipped=2, xfailed=1, deselected=10)
+
+
+@pytest.mark.parametrize(
+    "key, words",
+    [
+        ("test_dtpye", ["'test_dtpye'", "names no test"]),
+        ("test_dtype[numpy-copy-cpu-float61]", ["'test_dtype[numpy-copy-cpu-float61]'", "test_dtype[numpy-copy-cpu-float16]"]),
+    ],
+)
+def test_unknown_known_failure_key_is_a_usage_error(numpy_copy, monkeypatch, key, words):
+    known_failures(monkeypatch, {key: "typo"})
+    result = numpy_copy.runpytest_subprocess("-p", "no:cacheprovider", "-k", "test_one")  # the key's test deselected
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    message = result.stderr.str()
+    assert "numpy-copy" in message and all(word in message for word in words), message
+
+
+def test_known_failure_keys_are_checked_against_the_whole_suite(numpy_copy, monkeypatch):
+    # test_normal lives in a file this run does not collect, test_dtype is deselected by -k: neither is unknown
+    known_failures(monkeypatch, {"test_normal": "no RNG", "test_dtype[numpy-copy-cpu-float16]": "no float16"})
+    result = numpy_copy.runpytest_subprocess("-p", "no:cacheprovider", "-k", "test_one")
+    result.assert_outcomes(passed=6, skipped=2, deselected=10)
+
+
+GREEDY = """
+import numpy as np
+from kdpm2core import hookimpl
+from kdpm2core.backend import ArrayAPIBackend
+
+class Greedy(ArrayAPIBackend):
+    def owns(self, x):  # wrong: its arrays are array_api_strict's, yet it claims NumPy's too
+        return isinstance(x, np.ndarray) or super().owns(x)
+
+@hookimpl
+def register_backends(register):
+    import array_api_strict
+    register("greedy", lambda: Greedy("greedy", array_api_strict), requires=("array_api_strict",))
+"""
+
+
+def test_owns_rule_follows_the_backends_array_type(numpy_copy, monkeypatch):
+    """A backend whose arrays are NumPy arrays may own NumPy arrays whatever its name; one whose arrays are not
+    must reject them."""
+    pytest.importorskip("array_api_strict")
+    make_distribution(numpy_copy.path, "kdpm2-greedy", "greedy", GREEDY)
+    monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy-copy,greedy")
+    result = numpy_copy.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-v", "--pyargs", "kdpm2core.testing.test_backend_protocol", "-k", "owns_only"
+    )
+    result.stdout.fnmatch_lines(["*test_owns_only_its_arrays?greedy-cpu?*FAILED*",
+                                 "*test_owns_only_its_arrays?numpy-copy-cpu?*PASSED*",
+                                 "*owns() accepts a NumPy array, but its own arrays are Array*"])
+    result.assert_outcomes(passed=1, failed=1)
 
 
 def test_suite_runs_without_diffusers_torch_or_jax(tmp_path):

@@ -75,6 +75,48 @@ BROKEN_PLUGINS = {
             pass
         """,
     ),
+    "kdpm2-typo": (
+        "typo",
+        """
+        from kdpm2core import hookimpl
+
+        @hookimpl
+        def register_backend(register):  # misspelt: kdpm2's hook is register_backends
+            register("typo", lambda: None)
+        """,
+    ),
+    "kdpm2-no-hook": (
+        "nohook",
+        """
+        def register_backends(register):  # no @hookimpl: pluggy never sees it
+            register("nohook", lambda: None)
+        """,
+    ),
+    "kdpm2-impostor": (
+        "impostor",
+        """
+        from kdpm2core import hookimpl
+        from kdpm2core.backend import ArrayAPIBackend
+
+        @hookimpl
+        def register_backends(register):
+            import array_api_compat.numpy
+            for name in ("numpy", "jax", "impostor"):  # the first two are kdpm2's own names
+                register(name, lambda name=name: ArrayAPIBackend(name, array_api_compat.numpy))
+        """,
+    ),
+    "kdpm2-yamlish": (  # needs the module yaml, which the distribution PyYAML installs
+        "yamlish",
+        """
+        from kdpm2core import hookimpl
+        from kdpm2core.backend import ArrayAPIBackend
+
+        @hookimpl
+        def register_backends(register):
+            import array_api_compat.numpy
+            register("yamlish", lambda: ArrayAPIBackend("yamlish", array_api_compat.numpy), requires=("yaml",))
+        """,
+    ),
     "kdpm2-ghost": (
         "ghost",
         """
@@ -144,16 +186,22 @@ def make_distribution(site: Path, dist: str, entry_point: str, source: str, pack
     (info / "entry_points.txt").write_text(f"[kdpm2]\n{entry_point} = {package}\n")
 
 
-def probe(site: Path, names: list[str], **env) -> dict:
-    """Run PROBE in a fresh interpreter with ``site`` on the path; returns its JSON report."""
+def run_in(site: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    """Run ``python *args`` in a fresh interpreter with ``site`` on the path, ``env`` set and no other KDPM2_*."""
     environ = {k: v for k, v in os.environ.items() if k not in ("KDPM2_LOAD_PLUGINS", "KDPM2_BACKEND")}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), environ.get("PYTHONPATH")]))
     environ.update(env)
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, ",".join(names)], env=environ, capture_output=True, text=True, timeout=90
-    )
+    return subprocess.run([sys.executable, *args], env=environ, capture_output=True, text=True, timeout=120)
+
+
+def last_json_line(done: subprocess.CompletedProcess):
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def probe(site: Path, names: list[str], **env) -> dict:
+    """Run PROBE in a fresh interpreter with ``site`` on the path; returns its JSON report."""
+    return last_json_line(run_in(site, "-c", PROBE, ",".join(names), **env))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +223,7 @@ def clean(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def broken(broken_site) -> dict:
-    names = ["numpy", "torch", "jax", "noxp", "factoryraises", "ghost", "twin", "sneaky", "raises", "nonexistent"]
+    names = ["numpy", "torch", "jax", "noxp", "factoryraises", "ghost", "twin", "sneaky", "raises", "impostor", "nonexistent"]
     return probe(broken_site, names)
 
 
@@ -195,21 +243,24 @@ def test_clean_environment_imports_no_framework(clean):
 
 
 @pytest.mark.parametrize(
-    "plugin, dist, words",
+    "plugin, dist, words",  # words[0]: what failed, right after "failed: "
     [
         ("raises", "kdpm2-raises-on-import", ["import failed", "plugin exploded while importing"]),
         ("exits", "kdpm2-exits-on-import", ["import failed", "SystemExit"]),
-        ("badname", "kdpm2-bad-name", ["Bad Name!", "lowercase identifier"]),
+        ("badname", "kdpm2-bad-name", ["register_backends raised", "Bad Name!", "lowercase identifier"]),
         ("exitsregister", "kdpm2-exits-in-register", ["register_backends raised", "no thanks"]),
-        ("badsig", "kdpm2-bad-signature", ["register_backends"]),
+        ("badsig", "kdpm2-bad-signature", ["invalid hook", "register_backends(reg, extra)", "register_backends(register)"]),
+        ("typo", "kdpm2-typo", ["invalid hook", "unknown hook 'register_backend'", "register_backends(register)"]),
+        ("nohook", "kdpm2-no-hook", ["implements no kdpm2 hook", "@hookimpl def register_backends(register)"]),
     ],
 )
 def test_plugin_failing_to_load_or_register_is_reported_and_skipped(broken, plugin, dist, words):
     row = broken["report"][plugin]
     assert row["distribution"] == dist
-    assert row["status"].startswith("failed: ")
+    assert row["status"].startswith(f"failed: {words[0]}"), row["status"]
     for word in words:
         assert word in row["status"]
+    assert "\n" not in row["status"] and "\\n" not in row["status"]  # one line of the `kdpm2 backends` table
     assert any(w.startswith("PluginWarning:") and repr(plugin) in w and dist in w for w in broken["warnings"]), broken["warnings"]
     assert plugin not in broken["available"]
     assert "halfway" not in broken["report"]  # nothing of a plugin that failed half-way is registered
@@ -255,9 +306,90 @@ def test_entry_point_name_clash_with_first_party_is_not_dropped(broken):
     assert broken["lookups"]["torch"] == "ok:TorchBackend"
 
 
-def test_unknown_backend_lists_available_ones(broken):
+def test_first_party_name_stays_with_kdpm2(broken):
+    # "kdpm2-impostor" registers numpy, jax and impostor: kdpm2 keeps the first two, the third is the plugin's
+    for name in ("numpy", "jax"):
+        assert broken["report"][name]["distribution"] == "kdpm2" and broken["report"][name]["status"] == "ok"
+        refused = broken["report"][f"{name} (kdpm2-impostor)"]
+        assert refused["plugin"] == "impostor" and refused["distribution"] == "kdpm2-impostor"
+        assert refused["status"].startswith(f"failed: backend {name!r} belongs to kdpm2"), refused["status"]
+        assert "'impostor'" in refused["status"] and "kdpm2-impostor" in refused["status"]
+        assert any(w.startswith("PluginWarning:") and f"{name!r} belongs to kdpm2" in w and "kdpm2-impostor" in w
+                   for w in broken["warnings"]), broken["warnings"]
+    assert broken["lookups"]["numpy"] == "ok:ArrayAPIBackend" and broken["lookups"]["jax"] == "ok:JaxBackend"
+    assert broken["lookups"]["impostor"] == "ok:ArrayAPIBackend"
+
+
+def test_unknown_backend_lists_available_ones_and_failed_plugins(broken):
     kind, _, message = broken["lookups"]["nonexistent"].partition(":")
     assert kind == "BackendError" and "'nonexistent'" in message and "numpy" in message
+    # the backend may be one that a broken plugin would have registered: each failure, on one line
+    assert "plugin 'raises' (kdpm2-raises-on-import) failed: import failed: RuntimeError('plugin exploded" in message
+    assert "plugin 'typo' (kdpm2-typo) failed: invalid hook" in message and "\n" not in message
+
+
+def test_cli_and_pytest_show_the_failed_plugins_for_an_unknown_backend(broken_site):
+    only = {"KDPM2_LOAD_PLUGINS": "numpy,raises"}
+    cli = run_in(broken_site, "-m", "kdpm2core.cli", "conformance", "nonexistent", **only)
+    error = cli.stderr.strip().splitlines()[-1]  # after the PluginWarning
+    assert cli.returncode == 2 and error.startswith("kdpm2 conformance: error: "), cli.stderr
+    suite = run_in(broken_site, "-m", "pytest", "-c", os.devnull, "-p", "no:cacheprovider", "--pyargs",
+                   "kdpm2core.testing", "--kdpm2-backend=nonexistent", **only)
+    assert suite.returncode == 4, suite.stdout + suite.stderr  # pytest's usage error
+    for output in (error, suite.stderr):
+        assert "unknown backend 'nonexistent'" in output and "kdpm2-raises-on-import" in output
+        assert "plugin exploded while importing" in output
+
+
+# every plugin of the site but those that import torch or jax (`kdpm2 backends` builds every backend); a fixed
+# hash seed, so that pluggy's message on badsig lists the same set in the same order in each process
+NO_FRAMEWORKS = {"KDPM2_LOAD_PLUGINS": "numpy,noxp,factoryraises,badsig,typo,impostor,yamlish,twinone,twintwo,raises",
+                 "PYTHONHASHSEED": "0"}
+BUILT_REPORT = "import json, kdpm2core; print(json.dumps(kdpm2core.backend_report(build=True)))"
+
+
+def test_backends_command_shows_the_report_with_build(broken_site):
+    # backend_report() builds nothing, so a factory that raises is "ok" there until first use (see above);
+    # backend_report(build=True) builds every backend, and `kdpm2 backends` shows exactly its statuses
+    built = {row["name"]: row["status"] for row in last_json_line(run_in(broken_site, "-c", BUILT_REPORT,
+                                                                             **NO_FRAMEWORKS))}
+    listed = json.loads(run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json",
+                               **NO_FRAMEWORKS).stdout)["backends"]
+    assert {row["name"]: row["status"] for row in listed} == built
+    assert built["factoryraises"].startswith("failed: backend 'factoryraises'") and "shared library" in built["factoryraises"]
+    assert built["noxp"].startswith("failed: backend 'noxp'") and built["numpy"] == "ok"
+    table = run_in(broken_site, "-m", "kdpm2core.cli", "backends", **NO_FRAMEWORKS).stdout
+    assert len(table.strip().splitlines()) == 2 + len(built)  # header, rule, one line per row
+
+
+def test_backends_command_version_is_the_required_modules_distribution(broken_site):
+    import importlib.metadata
+
+    pytest.importorskip("yaml")
+    listed = json.loads(run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json",
+                               KDPM2_LOAD_PLUGINS="yamlish").stdout)["backends"]
+    assert listed == [{"name": "yamlish", "version": importlib.metadata.version("PyYAML"), "devices": ["cpu"],
+                       "float64": True, "distribution": "kdpm2-yamlish", "status": "ok"}]
+
+
+WARNINGS_AS_ERRORS = """
+import json, kdpm2core
+outcomes = []
+for _ in range(3):
+    try:
+        outcomes.append(kdpm2core.get_backend("numpy").name)
+    except Warning as warning:
+        outcomes.append(f"{type(warning).__name__}:{warning}")
+print(json.dumps({"outcomes": outcomes, "report": kdpm2core.backend_report()}))
+"""
+
+
+def test_under_warnings_as_errors_only_the_first_lookup_raises(broken_site):
+    result = last_json_line(run_in(broken_site, "-W", "error", "-c", WARNINGS_AS_ERRORS, KDPM2_LOAD_PLUGINS="numpy,raises"))
+    first, *later = result["outcomes"]
+    assert first.startswith("PluginWarning:") and "'raises'" in first and "plugin exploded" in first
+    assert later == ["numpy", "numpy"]  # the registry was stored before warning: later lookups work
+    assert {row["name"]: row["status"][:21] for row in result["report"]} == {"numpy": "ok", "raises": "failed: import failed"}
 
 
 def test_env_var_limits_loaded_plugins(broken_site, clean):
@@ -298,11 +430,7 @@ for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps(results))
 """
-    environ = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(broken_site), os.environ.get("PYTHONPATH")])))
-    environ.pop("KDPM2_LOAD_PLUGINS", None)
-    done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = last_json_line(run_in(broken_site, "-c", script))
     assert all(r == results[0] for r in results)  # every thread got the same single instance, or the same error
     assert all(isinstance(results[0][n], int) for n in ("numpy", "torch", "jax", "sneaky"))
     assert results[0]["twin"] == results[0]["noxp"] == results[0]["ghost"] == "BackendError"

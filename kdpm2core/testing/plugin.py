@@ -4,7 +4,9 @@ The matrix is data read from the plugin registry, never a list written here: eve
 ``kdpm2core.available_backends()`` (or the ones named with ``--kdpm2-backend``), every device in its
 ``devices()``, and the dtypes a test asks for with ``@pytest.mark.kdpm2_dtypes(...)``. A combination the backend
 cannot run is still listed, with a skip marker that says why; a backend may declare known failures as a
-``conformance_xfail`` mapping of test name to reason, which become strict ``xfail`` markers.
+``conformance_xfail`` mapping of test name to reason, which become strict ``xfail`` markers. A key is a test
+function's name (every parametrization) or a full test name such as ``test_normal[mine-cpu-float16]`` (that
+one); a key that names no test is a usage error.
 
 Tests receive ``kdpm2_target`` (a :class:`~kdpm2core.testing.support.Target`) or ``kdpm2_case`` (a
 :class:`~kdpm2core.testing.support.Case`). Outside those two parameters this plugin does nothing, so loading it
@@ -12,6 +14,9 @@ in unrelated pytest sessions costs nothing.
 """
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 
@@ -74,26 +79,13 @@ def _dtype_skip(target: Target, dtype: str) -> str | None:
     return None
 
 
-def _marks(target: Target, test_name: str, skip: str | None) -> list:
-    marks = []
-    if skip:
-        marks.append(pytest.mark.skip(reason=skip))
-    known = getattr(target.backend, "conformance_xfail", None) or {}
-    if test_name in known:
-        marks.append(pytest.mark.xfail(reason=f"{target.backend_name}: {known[test_name]}", strict=True))
-    return marks
-
-
 def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
     if "kdpm2_target" not in names and "kdpm2_case" not in names:
         return
     targets = _targets(metafunc.config)
-    test_name = metafunc.function.__name__
     if "kdpm2_target" in names:
-        params = [
-            pytest.param(t, id=f"{t.backend_name}-{t.device_name}", marks=_marks(t, test_name, None)) for t in targets
-        ]
+        params = [pytest.param(t, id=f"{t.backend_name}-{t.device_name}") for t in targets]
         metafunc.parametrize("kdpm2_target", params, indirect=True)
     if "kdpm2_case" in names:
         marker = metafunc.definition.get_closest_marker("kdpm2_dtypes")
@@ -104,9 +96,64 @@ def pytest_generate_tests(metafunc):
                 if dtype == "widest":  # the most precise dtype the backend has: float64, else float32
                     dtype = "float64" if _dtype_skip(t, "float64") is None else "float32"
                 case = Case(t.backend_name, t.device_name, t.backend, t.error, dtype)
-                marks = _marks(t, test_name, _dtype_skip(t, dtype))
+                skip = _dtype_skip(t, dtype)
+                marks = [pytest.mark.skip(reason=skip)] if skip else []
                 params.append(pytest.param(case, id=f"{t.backend_name}-{t.device_name}-{dtype}", marks=marks))
         metafunc.parametrize("kdpm2_case", params, indirect=True)
+
+
+def _suite_tests() -> set[str]:
+    """The test functions of kdpm2core.testing, read from its source: the same whatever ``-k`` or files select."""
+    return {
+        node.name
+        for path in Path(__file__).parent.glob("test_*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test")
+    }
+
+
+def _target_of(item) -> Target | None:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("kdpm2_case") or params.get("kdpm2_target")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: a key is checked against every collected test
+def pytest_collection_modifyitems(config, items):
+    """Each backend's ``conformance_xfail``: every key must name a test; the tests it names become strict xfails."""
+    collected: dict[str, tuple[object, list]] = {}  # backend name -> (backend, its items)
+    for item in items:
+        target = _target_of(item)
+        if target is not None and target.backend is not None:
+            collected.setdefault(target.backend_name, (target.backend, []))[1].append(item)
+    for name, (backend, backend_items) in collected.items():
+        known = getattr(backend, "conformance_xfail", None) or {}
+        _check_known_failures(name, known, backend_items)
+        for item in backend_items:
+            reason = known.get(item.name, known.get(item.originalname))
+            if reason is not None:
+                item.add_marker(pytest.mark.xfail(reason=f"{name}: {reason}", strict=True))
+
+
+def _check_known_failures(backend_name: str, known, items) -> None:
+    """Raise a usage error for a ``conformance_xfail`` key that names no test (``items``: the backend's tests)."""
+    if not known:
+        return
+    functions = {item.originalname for item in items}
+    full_names = {item.name for item in items}
+    tests = functions | _suite_tests()
+    for key in known:
+        function = key.partition("[")[0]
+        if function not in tests:
+            raise pytest.UsageError(
+                f"backend {backend_name!r}: conformance_xfail key {key!r} names no test of kdpm2core.testing "
+                f"(a key is a test function's name, or a full test name such as 'test_normal[{backend_name}-cpu-float32]')"
+            )
+        if "[" in key and function in functions and key not in full_names:
+            examples = sorted(n for n in full_names if n.startswith(function + "["))[:3]
+            raise pytest.UsageError(
+                f"backend {backend_name!r}: conformance_xfail key {key!r} names no parametrization of {function} "
+                f"on this backend; its test names are like {', '.join(examples)}"
+            )
 
 
 def _loaded(request):
