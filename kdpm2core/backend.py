@@ -68,7 +68,8 @@ class Backend(Protocol):
         """``for i in range(n): carry = body(i, carry)``, compiled where the backend can."""
 
     def compiling(self) -> bool:
-        """True while a graph compiler traces the caller (``torch.compile``); Python values are then frozen."""
+        """True while a graph compiler traces the caller (``torch.compile``); Python values are then frozen.
+        A backend whose compiler cannot follow the stateful scheduler's Python state raises instead (JAX)."""
 
 
 def _registered(name: str):

@@ -59,9 +59,10 @@ Array = Any
 
 
 class PlanInfo:
-    """Host-side facts of a plan: no arrays, compared by identity (static under ``jax.jit``)."""
+    """Host-side facts of a plan: no arrays. Static under ``jax.jit``, so it compares by value: two plans
+    made alike (say, one per request) share one compiled function instead of compiling one each."""
 
-    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn")
+    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "_key")
 
     def __init__(self, backend, dtype, device, base: Schedule, options: dict, prediction_type: str, churn: tuple):
         self.backend = backend  #: the backend object every function of this module calls
@@ -71,6 +72,14 @@ class PlanInfo:
         self.options = options  #: the validated scheduler options (for the training sigmas)
         self.prediction_type = prediction_type  #: what the table expects the model to predict
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
+        schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
+        self._key = (backend.name, str(dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+
+    def __eq__(self, other):
+        return type(other) is PlanInfo and (self is other or (self.backend is other.backend and self._key == other._key))
+
+    def __hash__(self):
+        return hash(self._key)
 
     @property
     def churned(self) -> bool:
@@ -166,7 +175,10 @@ def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> tuple:
     values = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-            raise TypeError(f"{name} must be a real number, got {value!r}")
+            raise TypeError(
+                f"{name} must be a real Python number (churn is folded into the plan on the host, so it cannot "
+                f"be an array or a traced value), got {value!r}"
+            )
     if s_churn < 0 or not math.isfinite(s_churn):
         raise ValueError(f"s_churn must be finite and >= 0, got {s_churn!r}")
     if not math.isfinite(s_noise):
@@ -281,10 +293,22 @@ def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None)
         out: Optional pair of buffers for the two results (backends with in-place arrays write into them,
             so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
     """
+    _check_dtype(plan, sample)
     a, b, c, p, q, _ = (_row(plan, state, plan.table)[j] for j in range(6))
     extra = {} if out is None else {"out": out}
     prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)
     return (prev, pred), State(state.index + 1, sample)
+
+
+def _check_dtype(plan: Plan, sample: Array) -> None:
+    """A sample of another dtype than the plan's would be promoted (or, in a compiled loop, change the carry's
+    type): refuse it, saying which plan to make."""
+    if sample.dtype != plan.table.dtype:
+        name = str(sample.dtype).rpartition(".")[2]  # torch.bfloat16 -> bfloat16
+        raise TypeError(
+            f"sample is {name} but the plan holds {str(plan.table.dtype).rpartition('.')[2]} coefficients; "
+            f"make the plan for the sample's dtype: make_plan(..., dtype={name!r})"
+        )
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
@@ -304,6 +328,10 @@ def sample(
     """Run the whole schedule from ``x`` (noise already scaled by :func:`init_noise_sigma`) with the backend's
     loop primitive (``lax.fori_loop`` on JAX, a Python loop elsewhere); returns the final sample.
 
+    ``denoiser=True`` on a plan of another prediction type, or churn other than the plan's, runs on a plan
+    built on the host from ``plan.info``, so ``plan``'s arrays are not read: to trace or differentiate
+    through them, make the plan with ``prediction_type="sample"`` and the churn in :func:`make_plan`.
+
     Args:
         plan: The plan.
         model: ``model(scaled_input, timestep) -> prediction`` of the plan's prediction type, or with
@@ -317,6 +345,7 @@ def sample(
         seed: Seed of the backend's generator for the churn noise.
         rng: A generator state from ``backend.rng`` instead of ``seed`` (on JAX a key; may be traced).
     """
+    _check_dtype(plan, x)
     info = plan.info
     given = (s_churn, s_tmin, s_tmax, s_noise)
     churn = _check_churn(*(old if new is None else new for new, old in zip(given, info.churn)))

@@ -332,10 +332,11 @@ class KDPM2DiscreteScheduler:
         """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
         if not self._owns(sample):
             self._check_array("sample", sample)
+        compiling = self._compiling()  # first: a backend that cannot trace the scheduler raises here
         k = self._step_index
         if k is None or k >= len(self._rows):
             k = self._current_row(timestep)
-        if self._compiling():
+        if compiling:
             return sample * self._device_rows[k][6]
         return self._scale(sample, self._input_scale[k])
 
@@ -347,10 +348,11 @@ class KDPM2DiscreteScheduler:
             self._check_array("model_output", model_output)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
+        compiling = self._compiling()
         k = self._step_index
         if k is None or k >= len(self._rows):
             k = self._current_row(timestep)
-        if self._compiling():
+        if compiling:
             # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
             # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).

@@ -213,6 +213,18 @@ def test_churn_without_a_seed_is_refused():
         F.init(plan, np.zeros(2, dtype=np.float32), index=5)
 
 
+def test_sample_of_another_dtype_than_the_plan_is_refused(backend_name):
+    """A float32 plan with float64 (or bfloat16) latents would promote silently, or change a compiled loop's
+    carry type; the error names the plan to make."""
+    backend = kdpm2core.get_backend(backend_name)
+    plan = F.make_plan(num_inference_steps=3, backend=backend_name)
+    x = backend.asarray(np.ones(2), dtype=backend.dtype("float64" if backend.float64 else "float16"))
+    name = "float64" if backend.float64 else "float16"
+    for call in (lambda: F.step(plan, F.init(plan, x), x, x), lambda: F.sample(plan, lambda a, t: a, x)):
+        with pytest.raises(TypeError, match=f"sample is {name} but the plan holds float32.*dtype='{name}'"):
+            call()
+
+
 def test_init_refuses_midpoint_and_non_integer_indices():
     """A midpoint substep continues from the sample its Euler substep stored; init has none to give it."""
     plan = F.make_plan(num_inference_steps=3)

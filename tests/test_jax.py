@@ -47,6 +47,68 @@ def test_whole_loop_traces_once_under_jit():
     assert not np.allclose(np.asarray(first), np.asarray(second))
 
 
+def test_plans_made_alike_share_one_compiled_loop():
+    """PlanInfo is static under jit, so it compares by value: a server that makes a plan per request compiles
+    once per distinct schedule, not once per plan."""
+    traces = []
+
+    def model(scaled, timestep):
+        traces.append(1)
+        return 0.3 * scaled
+
+    def plan(steps):
+        return F.make_plan(num_inference_steps=steps, backend="jax", use_karras_sigmas=True)
+
+    run = jax.jit(lambda p, x: F.sample(p, model, x))
+    x0 = jnp.ones((2, 3))
+    results = [run(plan(6), x0) for _ in range(3)]
+    assert len(traces) == 1 and plan(6).info == plan(6).info and hash(plan(6).info) == hash(plan(6).info)
+    assert all(np.array_equal(np.asarray(r), np.asarray(results[0])) for r in results)
+    for other in (plan(7), F.make_plan(num_inference_steps=6, backend="jax"), F.make_plan(num_inference_steps=6, backend="jax", use_karras_sigmas=True, s_churn=1.0)):
+        assert other.info != plan(6).info
+    run(plan(7), x0)
+    assert len(traces) == 2  # another schedule: another table shape, another compilation
+
+
+@pytest.mark.parametrize("begin_index", [None, 0])
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_stateful_scheduler_under_a_trace_refuses_and_points_to_functional(begin_index, transform):
+    """Under a trace the step index would be read once and frozen: the traced function would replay the first
+    substep's coefficients on every call. The scheduler refuses instead, before changing any state."""
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="jax")
+    scheduler.set_timesteps(5)
+    if begin_index is not None:
+        scheduler.set_begin_index(begin_index)
+    x = jnp.ones((2, 3))
+    t = scheduler.timesteps[0]
+    traced = jax.jit if transform == "jit" else jax.vmap
+    for call in (lambda x: scheduler.step(x, t, x).prev_sample, lambda x: scheduler.scale_model_input(x, t)):
+        with pytest.raises(RuntimeError, match="cannot run inside jax.jit.*kdpm2core.functional"):
+            traced(call)(x)
+    assert scheduler.step_index is None and scheduler._stored is None
+    eager = scheduler.step(x, t, x).prev_sample  # outside a trace it works as before
+    assert scheduler.step_index == 1 and eager.shape == x.shape
+
+
+def test_churn_must_be_a_host_number():
+    plan = F.make_plan(num_inference_steps=3, backend="jax")
+    with pytest.raises(TypeError, match="s_churn must be a real Python number.*cannot be an array or a traced value"):
+        jax.jit(lambda c: F.sample(plan, lambda a, t: a, jnp.ones(2), s_churn=c, seed=0))(1.0)
+
+
+def test_grad_through_the_whole_loop():
+    """With a linear model the loop is x -> m * x for one number m (every coefficient is a number), so the
+    gradient of sum(sample(x)) is m everywhere; m comes from a float64 NumPy run of the stateful scheduler."""
+    plan = F.make_plan(num_inference_steps=5, backend="jax")
+    grad = jax.grad(lambda x: F.sample(plan, lambda a, t: 0.3 * a, x).sum())(jnp.ones((2, 3)))
+    scheduler = kdpm2core.KDPM2DiscreteScheduler()
+    scheduler.set_timesteps(5)
+    m = np.ones(1)
+    for t in scheduler.timesteps:
+        m = scheduler.step(0.3 * scheduler.scale_model_input(m, t), t, m).prev_sample
+    np.testing.assert_allclose(np.asarray(grad), np.full((2, 3), m[0]), rtol=2e-6)
+
+
 def test_vmap_over_seeds_equals_one_run_per_seed():
     plan = F.make_plan(num_inference_steps=4, backend="jax", s_churn=1.5)
 
