@@ -161,12 +161,13 @@ def validate_config(values: Mapping) -> dict:
     return out
 
 
-def split_known(values: Mapping, owner: str) -> tuple[dict, dict]:
-    """(options we know, the rest); warns about unknown keys that are not private or from other schedulers."""
+def split_known(values: Mapping, owner: str, *, warn: bool = True) -> tuple[dict, dict]:
+    """(options we know, the rest); warns (unless ``warn`` is false: the caller takes the rest) about unknown
+    keys that are not private or from other schedulers."""
     known = {k: v for k, v in values.items() if k in DEFAULTS}
     unknown = sorted(k for k in values if k not in DEFAULTS and not str(k).startswith("_"))
     noisy = [k for k in unknown if k not in FOREIGN_SCHEDULER_KEYS]
-    if noisy:
+    if noisy and warn:
         warnings.warn(f"{owner}: config keys {noisy} are not used by KDPM2DiscreteScheduler and are ignored", stacklevel=3)
     return known, {k: values[k] for k in unknown}
 

@@ -126,7 +126,7 @@ class KDPM2DiscreteScheduler:
         defaulted = config.get("_use_default_values")
         if isinstance(defaulted, (list, tuple)):
             config = {key: value for key, value in config.items() if key not in defaulted}
-        known, unused = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config")
+        known, unused = _config.split_known({**config, **overrides}, f"{cls.__name__}.from_config", warn=not return_unused_kwargs)
         scheduler = cls(**known, backend=backend, check_finite=check_finite)
         return (scheduler, unused) if return_unused_kwargs else scheduler
 

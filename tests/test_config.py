@@ -124,10 +124,13 @@ def test_from_config_of_other_diffusers_schedulers_ignores_their_keys_quietly(na
 
 def test_from_config_returns_unused_keys_when_asked_as_diffusers_does():
     config = {**SETTINGS, "my_custom_knob": 3, "clip_sample": False}
-    ours, unused = KDPM2DiscreteScheduler.from_config(config, return_unused_kwargs=True, another=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller asked for the unused keys: no warning about them
+        ours, unused = KDPM2DiscreteScheduler.from_config(config, return_unused_kwargs=True, another=1)
     assert isinstance(ours, KDPM2DiscreteScheduler) and settings_of(ours.config) == expected_settings()
     assert unused == {"my_custom_knob": 3, "clip_sample": False, "another": 1}
-    assert isinstance(KDPM2DiscreteScheduler.from_config(config, False), KDPM2DiscreteScheduler)
+    with pytest.warns(UserWarning, match="my_custom_knob"):
+        assert isinstance(KDPM2DiscreteScheduler.from_config(config, False), KDPM2DiscreteScheduler)
 
 
 def test_numpy_bools_are_bools():
