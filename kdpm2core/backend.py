@@ -195,9 +195,15 @@ class ArrayAPIBackend:
         :data:`CHUNK`-element scratch; with ``out`` buffers, only that scratch.
         """
         if _accepts_out(self.xp):
-            prev, pred = (self.xp.empty_like(sample), self.xp.empty_like(sample)) if out is None else out
-            _ufunc_combine(prev, ((b, sample), (c, model_output), (a, stored)))
-            _ufunc_combine(pred, ((p, sample), (q, model_output)))
+            prev_terms, pred_terms = ((b, sample), (c, model_output), (a, stored)), ((p, sample), (q, model_output))
+            if out is None:
+                prev, pred = self._result(prev_terms, sample), self._result(pred_terms, sample)
+            else:
+                prev, pred = out
+                if any(np.may_share_memory(buffer, x) for buffer in out for x in (sample, model_output, stored) if x is not None):
+                    raise ValueError("out buffers must not overlap sample, model_output or the stored sample (state.stored)")
+            _ufunc_combine(prev, prev_terms)
+            _ufunc_combine(pred, pred_terms)
             return prev, pred
         prev = self.lincomb(((b, sample), (c, model_output), (a, stored)))
         pred = self.lincomb(((p, sample), (q, model_output)))
@@ -207,6 +213,15 @@ class ArrayAPIBackend:
             return prev, pred
         out[0][...], out[1][...] = prev, pred
         return out[0], out[1]
+
+    def _result(self, terms, like) -> Array:
+        """A new C-contiguous array for ``sum(coef * x)``: ``like``'s shape, whatever its memory layout (a
+        transposed or Fortran-ordered sample too), and the dtype NumPy's promotion gives the arrays of the terms
+        (a float32 sample with a float64 model output gives float64, as the arithmetic itself would)."""
+        dtype = np.result_type(*(x for coef, x in terms if x is not None and not (_is_scalar(coef) and coef == 0)))
+        if dtype.kind != "f":
+            raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
+        return self.xp.empty(like.shape, dtype=dtype)
 
     # -- loops ------------------------------------------------------------------------------------------------
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:

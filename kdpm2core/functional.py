@@ -294,6 +294,7 @@ def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None)
             so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
     """
     _check_dtype(plan, sample)
+    _check_like(plan, sample, model_output=model_output, **({} if out is None else {"out[0]": out[0], "out[1]": out[1]}))
     a, b, c, p, q, _ = (_row(plan, state, plan.table)[j] for j in range(6))
     extra = {} if out is None else {"out": out}
     prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)
@@ -309,6 +310,20 @@ def _check_dtype(plan: Plan, sample: Array) -> None:
             f"sample is {name} but the plan holds {str(plan.table.dtype).rpartition('.')[2]} coefficients; "
             f"make the plan for the sample's dtype: make_plan(..., dtype={name!r})"
         )
+
+
+def _check_like(plan: Plan, sample: Array, **arrays) -> None:
+    """``sample`` and each of ``arrays`` are the plan's backend's, and each has ``sample``'s shape and dtype: a
+    loop's carry keeps one dtype (a model output of another would promote it, and a compiled loop would refuse
+    it at the next substep), and shapes never broadcast silently."""
+    backend = plan.info.backend
+    for name, x in {"sample": sample, **arrays}.items():
+        if not backend.owns(x):
+            raise TypeError(f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+        if x.shape != sample.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but sample has shape {tuple(sample.shape)}")
+        if x.dtype != sample.dtype:
+            raise TypeError(f"{name} is {x.dtype} but sample is {sample.dtype}; cast it to the sample's dtype")
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------

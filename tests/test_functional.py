@@ -387,3 +387,77 @@ def test_torch_step_stays_differentiable():
     derivative = 1 - torch.tanh(x.detach()) ** 2  # d tanh
     expected = (b + p) + (c + q) * derivative
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_step_checks_its_arrays_against_the_sample():
+    """Shapes never broadcast, dtypes never promote the carry, arrays of another library are refused by name,
+    and out buffers that overlap an input (which the update would overwrite before reading) are refused."""
+    plan = F.make_plan(num_inference_steps=5)
+    x = np.ones((4, 8), np.float32)
+    state = F.init(plan, x)
+    with pytest.raises(ValueError, match=r"model_output has shape \(4, 1\) but sample has shape \(4, 8\)"):
+        F.step(plan, state, np.ones((4, 1), np.float32), x)
+    with pytest.raises(TypeError, match="model_output is float64 but sample is float32"):
+        F.step(plan, state, np.ones((4, 8)), x)
+    with pytest.raises(TypeError, match="model_output must be an array of backend 'numpy', got builtins.list"):
+        F.step(plan, state, x.tolist(), x)
+    with pytest.raises(ValueError, match=r"out\[0\] has shape \(32,\)"):
+        F.step(plan, state, x, x, out=(np.empty(32, np.float32), np.empty_like(x)))
+    with pytest.raises(TypeError, match=r"out\[1\] is float64"):
+        F.step(plan, state, x, x, out=(np.empty_like(x), np.empty((4, 8))))
+    (y, _), state = F.step(plan, state, x, x)  # state.stored is now x
+    for out in ((x, np.empty_like(x)), (np.empty_like(x), y[:]), (np.empty_like(x), x.reshape(8, 4).T.T.reshape(4, 8))):
+        with pytest.raises(ValueError, match="must not overlap"):
+            F.step(plan, state, np.zeros_like(x), y, out=out)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "transposed", "strided"])
+def test_numpy_samples_of_any_memory_layout(layout):
+    """An NHWC view transposed to NCHW, a Fortran-ordered or a strided sample: the same numbers as its
+    contiguous copy, in C-contiguous outputs (both APIs)."""
+    base = np.random.default_rng(0).standard_normal((2, 6, 8, 4)).astype(np.float32)
+    sample = {
+        "fortran": np.asfortranarray(base),
+        "transposed": base.transpose(0, 3, 1, 2),
+        "strided": base[:, ::2],
+    }[layout]
+    contiguous = np.ascontiguousarray(sample)
+    results = []
+    for x in (sample, contiguous):
+        scheduler = kdpm2core.KDPM2DiscreteScheduler()
+        scheduler.set_timesteps(4)
+        for t in scheduler.timesteps[:3]:  # Euler, midpoint, Euler
+            x = scheduler.step(0.5 * scheduler.scale_model_input(x, t), t, x).prev_sample
+        results.append(x)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert results[0].flags.c_contiguous
+    plan = F.make_plan(num_inference_steps=4)
+    (prev, pred), _ = F.step(plan, F.init(plan, sample), sample, sample)
+    (prev_c, pred_c), _ = F.step(plan, F.init(plan, contiguous), contiguous, contiguous)
+    np.testing.assert_array_equal(prev, prev_c)
+    np.testing.assert_array_equal(pred, pred_c)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "dask"])
+def test_mixed_dtypes_follow_numpys_promotion(backend_name):
+    """A float32 sample with a float64 model output gives float64, as the arithmetic does (torch and diffusers
+    too); on Dask the lazy array's dtype says so too. An integer sample is refused by name."""
+    if backend_name not in kdpm2core.available_backends():
+        pytest.skip(f"backend {backend_name!r} is not installed")
+    backend = kdpm2core.get_backend(backend_name)
+    x32 = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    results = {}
+    for name, (sample, output) in {"mixed": (x32, 0.5 * x32.astype(np.float64)), "wide": (x32.astype(np.float64), 0.5 * x32.astype(np.float64))}.items():
+        scheduler = kdpm2core.KDPM2DiscreteScheduler(backend=backend_name)
+        scheduler.set_timesteps(4)
+        scheduler.set_begin_index(0)
+        prev = scheduler.step(backend.asarray(output), scheduler.timesteps[0], backend.asarray(sample)).prev_sample
+        assert prev.dtype == np.float64, name
+        results[name] = backend.to_numpy(prev)
+        assert results[name].dtype == np.float64
+    np.testing.assert_array_equal(results["mixed"], results["wide"])  # float32 values are exact in float64
+    if backend_name == "numpy":
+        scheduler = kdpm2core.KDPM2DiscreteScheduler()
+        scheduler.set_timesteps(4)
+        with pytest.raises(TypeError, match="sample and model_output must be floating-point arrays.*int64"):
+            scheduler.step(np.ones((2, 2), np.int64), scheduler.timesteps[0], np.ones((2, 2), np.int64))

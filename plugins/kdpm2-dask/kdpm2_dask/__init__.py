@@ -52,7 +52,8 @@ class DaskBackend(ArrayAPIBackend):
             if not terms:
                 return da.zeros_like(sample)
             coefs, arrays = zip(*terms)
-            return da.map_blocks(_combine, *arrays, coefs=coefs, dtype=sample.dtype, meta=sample._meta)
+            dtype = np.result_type(*(x.dtype for x in arrays))  # what the blocks compute: NumPy's promotion
+            return da.map_blocks(_combine, *arrays, coefs=coefs, dtype=dtype, meta=sample._meta.astype(dtype))
 
         return combine(prev_terms), combine(pred_terms)
 
