@@ -10,9 +10,12 @@ midpoint substep, finishes bit-identical in another process::
     latents = arrays["sample"]
 
 Arrays are written with ``allow_pickle=False`` and read with NumPy's plain ``.npy`` reader, never ``np.load``
-(which would also open ``.npz`` archives). Dtypes NumPy lacks (``bfloat16``, float8) are stored widened to
-float32, which holds them exactly, and narrowed back on load. Every file carries a SHA-256 in the JSON, which
-is written last: a checkpoint torn by a crash while saving, or edited by hand, fails to load with a clear error.
+(which would also open ``.npz`` archives). ``bfloat16``, which NumPy lacks, is stored widened to float32, which
+holds it exactly, and narrowed back on load; float8 types are refused. Every array file carries a SHA-256 in the
+JSON, and the JSON one of its own contents; the JSON is written last, and every file is replaced atomically
+(written beside it, synced, renamed). So a checkpoint torn by a crash while saving, or edited by hand, fails to
+load with a clear error (an integrity check, not a signature: whoever edits the JSON can also recompute it);
+and a save that fails (a dtype that cannot be stored) fails before it writes anything.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ __all__ = [
 ]
 
 STATE_FILE = "kdpm2_checkpoint.json"
-CHECKPOINT_FORMAT = "kdpm2.checkpoint/1"
-FUNCTIONAL_FORMAT = "kdpm2.functional-checkpoint/1"
+CHECKPOINT_FORMAT = "kdpm2.checkpoint/2"  # /2: the JSON carries the SHA-256 of its own contents
+FUNCTIONAL_FORMAT = "kdpm2.functional-checkpoint/2"
+#: the largest checkpoint JSON that is written or read (its size grows with the number of steps)
+MAX_MANIFEST_BYTES = 16 << 20
 STORED = "_stored"  # file stem of the scheduler's stored sample; caller names cannot start with "_"
 _ARRAY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _DTYPES = frozenset(
@@ -63,18 +68,17 @@ def save_checkpoint(directory: str | os.PathLike, scheduler: KDPM2DiscreteSchedu
             raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
     state = scheduler.state_dict()
     stored = state.pop("stored")
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = {name: _write_array(directory / f"{name}.npy", backend, x) for name, x in arrays.items()}
+    files = {name: _encode_array(backend, x) for name, x in arrays.items()}  # every check before any write
+    if stored is not None:
+        files[STORED] = _encode_array(backend, stored)
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "backend": backend.name,
         "state": state,
-        "stored": None if stored is None else _write_array(directory / f"{STORED}.npy", backend, stored),
-        "arrays": entries,
+        "stored": files[STORED][1] if stored is not None else None,
+        "arrays": {name: files[name][1] for name in arrays},
     }
-    target = directory / STATE_FILE
-    _replace(target, (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode("utf-8"))
-    return target
+    return _write_checkpoint(directory, files, manifest)
 
 
 def load_checkpoint(
@@ -99,7 +103,7 @@ def load_checkpoint(
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no kdpm2 checkpoint in {str(directory)!r} (missing {STATE_FILE})")
-    manifest = _config.load_config_file(path)
+    manifest = _read_manifest(path)
     expected = {"format", "backend", "state", "stored", "arrays"}
     if set(manifest) != expected:
         raise ValueError(f"{STATE_FILE} has keys {sorted(manifest)}; expected {sorted(expected)}")
@@ -143,12 +147,14 @@ def save_functional_checkpoint(directory: str | os.PathLike, plan, state, **arra
             raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
         if not backend.owns(x):
             raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = {name: _write_array(directory / f"{name}.npy", backend, x) for name, x in named.items()}
-    manifest = {"format": FUNCTIONAL_FORMAT, "backend": backend.name, "plan_sha256": _plan_digest(plan), "arrays": entries}
-    target = directory / STATE_FILE
-    _replace(target, (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode("utf-8"))
-    return target
+    files = {name: _encode_array(backend, x) for name, x in named.items()}
+    manifest = {
+        "format": FUNCTIONAL_FORMAT,
+        "backend": backend.name,
+        "plan_sha256": _plan_digest(plan),
+        "arrays": {name: entry for name, (_, entry) in files.items()},
+    }
+    return _write_checkpoint(directory, files, manifest)
 
 
 def load_functional_checkpoint(directory: str | os.PathLike, plan) -> tuple:
@@ -166,7 +172,7 @@ def load_functional_checkpoint(directory: str | os.PathLike, plan) -> tuple:
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no kdpm2 checkpoint in {str(directory)!r} (missing {STATE_FILE})")
-    manifest = _config.load_config_file(path)
+    manifest = _read_manifest(path)
     expected = {"format", "backend", "plan_sha256", "arrays"}
     if set(manifest) != expected or manifest.get("format") != FUNCTIONAL_FORMAT:
         raise ValueError(f"{STATE_FILE} is not a functional checkpoint ({FUNCTIONAL_FORMAT}) with keys {sorted(expected)}")
@@ -207,7 +213,34 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]  # "torch.bfloat16" -> "bfloat16"; NumPy and JAX print bare names
 
 
-def _write_array(path: Path, backend, x) -> dict:
+def _write_checkpoint(directory: Path, files: dict, manifest: dict) -> Path:
+    """Write the encoded arrays, then the JSON with the SHA-256 of its own contents; returns the JSON's path."""
+    body = json.dumps(manifest, sort_keys=True, allow_nan=False)
+    data = (json.dumps({**manifest, "sha256": hashlib.sha256(body.encode()).hexdigest()}, indent=1, allow_nan=False) + "\n").encode()
+    if len(data) > MAX_MANIFEST_BYTES:  # refused now rather than saved and then unreadable
+        raise ValueError(f"the checkpoint's {STATE_FILE} would be {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (buffer, _) in files.items():
+        _replace(directory / f"{name}.npy", buffer)
+    target = directory / STATE_FILE
+    _replace(target, data)
+    return target
+
+
+def _read_manifest(path: Path) -> dict:
+    """The checkpoint JSON, checked against the SHA-256 of its contents that it carries."""
+    manifest = _config.load_config_file(path, what="checkpoint", limit=MAX_MANIFEST_BYTES)
+    digest = manifest.pop("sha256", None)
+    body = json.dumps(manifest, sort_keys=True, allow_nan=False)
+    if digest is None and manifest.get("format") in (CHECKPOINT_FORMAT, FUNCTIONAL_FORMAT):
+        raise ValueError(f"{STATE_FILE} in {str(path.parent)!r} has no sha256 of its contents")
+    if digest is not None and digest != hashlib.sha256(body.encode()).hexdigest():
+        raise ValueError(f"{STATE_FILE} in {str(path.parent)!r} does not match its sha256: edited, or damaged")
+    return manifest
+
+
+def _encode_array(backend, x) -> tuple[bytes, dict]:
+    """``x`` as ``.npy`` bytes and its JSON entry, or a TypeError for a dtype a checkpoint cannot hold."""
     name = _dtype_name(x.dtype)
     try:
         same = backend.dtype(name) == x.dtype
@@ -221,8 +254,7 @@ def _write_array(path: Path, backend, x) -> dict:
             raise TypeError(f"cannot checkpoint dtype {x.dtype}: .npy has no such type and float32 cannot hold it")
         host = host.astype(np.float32)
     buffer = _npy_bytes(host)
-    _replace(path, buffer)
-    return {"dtype": name, "host_dtype": host.dtype.str, "shape": list(host.shape), "sha256": hashlib.sha256(buffer).hexdigest()}
+    return buffer, {"dtype": name, "host_dtype": host.dtype.str, "shape": list(host.shape), "sha256": hashlib.sha256(buffer).hexdigest()}
 
 
 def _npy_bytes(host: np.ndarray) -> bytes:
@@ -232,10 +264,18 @@ def _npy_bytes(host: np.ndarray) -> bytes:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, so a crash leaves either the old file or the new one."""
+    """Write ``data`` to ``path`` atomically, so a crash leaves either the old file or the new one; on an
+    error (a full disk) the temporary file is removed and the old file stays."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _read_array(path: Path, backend, entry, device):
@@ -255,6 +295,14 @@ def _read_array(path: Path, backend, entry, device):
         raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a NumPy dtype") from None
     if host_dtype.kind not in "biufc":
         raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not a numeric dtype")
+    stored_as = np.dtype("float32") if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"])
+    if host_dtype != stored_as.newbyteorder(host_dtype.byteorder):
+        raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not how a {entry['dtype']} array is stored")
+    if entry["dtype"] == "float64" and not getattr(backend, "float64", True):
+        raise ValueError(
+            f"{where} is float64, which backend {backend.name!r} cannot hold (float64=False; for JAX, turn on "
+            "jax_enable_x64): resume on another backend"
+        )
     # the size is known before reading: a tampered header cannot make us allocate more
     expected = math.prod(shape) * host_dtype.itemsize  # Python integers: a huge shape cannot overflow
     if not path.is_file():
@@ -268,4 +316,7 @@ def _read_array(path: Path, backend, entry, device):
         raise ValueError(f"{where} is not a valid .npy file: {exc}") from None
     if host.dtype != host_dtype or list(host.shape) != shape:
         raise ValueError(f"{where} holds {host.dtype}{list(host.shape)}; {STATE_FILE} says {host_dtype}{shape}")
-    return backend.asarray(host, dtype=backend.dtype(entry["dtype"]), device=device)
+    try:
+        return backend.asarray(host, dtype=backend.dtype(entry["dtype"]), device=device)
+    except (AssertionError, RuntimeError) as exc:  # torch without CUDA asserts, a full device raises
+        raise ValueError(f"{where} cannot be placed on device {str(device)!r} of backend {backend.name!r}: {exc}") from None

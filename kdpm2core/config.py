@@ -181,30 +181,41 @@ def to_json_dict(config: Mapping, version: str) -> dict:
     return out
 
 
-def load_config_file(path: str | os.PathLike) -> dict:
-    """Parse a diffusers ``scheduler_config.json``; a ValueError names the file when it is unusable."""
+def load_config_file(path: str | os.PathLike, *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> dict:
+    """Parse a diffusers ``scheduler_config.json`` (or another JSON object of ``what``, at most ``limit``
+    bytes); a ValueError names the file when it is unusable."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise FileNotFoundError(f"no scheduler config at {str(path)!r}: {exc.strerror}") from None
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"config file {str(path)!r} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-    return parse_config_bytes(path.read_bytes(), source=str(path))
+        raise FileNotFoundError(f"no scheduler {what} at {str(path)!r}: {exc.strerror}") from None
+    if size > limit:
+        raise ValueError(f"{what} file {str(path)!r} is {size} bytes; the limit is {limit}")
+    return parse_config_bytes(path.read_bytes(), source=str(path), what=what, limit=limit)
 
 
-def parse_config_bytes(data: bytes, source: str = "<bytes>") -> dict:
-    """Decode config JSON; any malformed input gives a ValueError naming ``source``."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"config {source!r} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
+def parse_config_bytes(data: bytes, source: str = "<bytes>", *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> dict:
+    """Decode config JSON; any malformed input (duplicate keys too) gives a ValueError naming ``source``."""
+    if len(data) > limit:
+        raise ValueError(f"{what} {source!r} is {len(data)} bytes; the limit is {limit}")
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8 and integers over 4300 digits
-        raise ValueError(f"config {source!r} is not valid JSON: {exc}") from None
+        raise ValueError(f"{what} {source!r} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"config {source!r} must hold a JSON object, got {type(value).__name__}")
+        raise ValueError(f"{what} {source!r} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
 def _reject_constant(name):
     raise json.JSONDecodeError(f"{name} is not allowed in a config", name, 0)
+
+
+def _unique_keys(pairs) -> dict:
+    """A JSON object, refusing a key given twice (which value would win is a guess a reader should not make)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {duplicate!r} appears more than once")
+    return value

@@ -190,11 +190,40 @@ def numpy_run_after_euler(tmp_path, **config) -> tuple[KDPM2DiscreteScheduler, n
     return s, x, tmp_path
 
 
-def edit_manifest(directory: Path, change) -> None:
+def edit_manifest(directory: Path, change, *, rehash: bool = True) -> None:
+    """Edit the checkpoint JSON; with ``rehash`` also recompute the SHA-256 of its contents, as a deliberate
+    editor (or another tool writing checkpoints) would, so that the checks behind that one are reached."""
     path = directory / STATE_FILE
     manifest = json.loads(path.read_text())
+    digest = manifest.pop("sha256")
     change(manifest)
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest() if rehash else digest
     path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "change", [lambda m: m["state"].update(step_index=1), lambda m: m["arrays"]["sample"].update(dtype="float32")], ids=["step_index", "dtype"]
+)
+def test_hand_edits_of_the_json_are_detected(tmp_path, change):
+    numpy_run_after_euler(tmp_path)
+    load_checkpoint(tmp_path)  # intact: loads
+    edit_manifest(tmp_path, change, rehash=False)
+    with pytest.raises(ValueError, match="does not match its sha256: edited, or damaged"):
+        load_checkpoint(tmp_path)
+    path = tmp_path / STATE_FILE
+    manifest = json.loads(path.read_text())
+    del manifest["sha256"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="has no sha256 of its contents"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    numpy_run_after_euler(tmp_path)
+    path = tmp_path / STATE_FILE
+    path.write_text(path.read_text().replace('"step_index": 3,', '"step_index": 3, "step_index": 1,'))
+    with pytest.raises(ValueError, match="key 'step_index' appears more than once"):
+        load_checkpoint(tmp_path)
 
 
 def test_checkpoint_files_are_plain_json_and_npy(tmp_path):
@@ -246,6 +275,7 @@ def test_state_dict_round_trip_keeps_custom_schedule(tmp_path):
         (lambda m: m.update(state=[]), TypeError, ["state"]),
         (lambda m: m.update(backend="no-such-backend"), LookupError, ["no-such-backend"]),
         (lambda m: m["arrays"]["sample"].update(shape=[4, 3]), ValueError, ["sample.npy", "[4, 3]"]),
+        (lambda m: m["arrays"]["sample"].update(dtype="float16"), ValueError, ["sample.npy", "host_dtype", "float16"]),
         (lambda m: m["arrays"]["sample"].update(shape=[3, -4]), TypeError, ["shape"]),
         (lambda m: m["arrays"]["sample"].update(shape=[10**30, 10**30]), ValueError, ["sample.npy"]),
         (lambda m: m["arrays"]["sample"].update(host_dtype="i4,i4"), ValueError, ["host_dtype"]),
@@ -462,3 +492,58 @@ def test_copied_and_pickled_schedulers_share_the_backend_and_continue_alike(name
         theirs = copy.deepcopy(scheduler).step(x * 0.2, t, x).prev_sample
         assert np.array_equal(b.to_numpy(ours), b.to_numpy(theirs))
     assert scheduler.step_index == 1  # the copies did not advance the original
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    """Every array is encoded before any file is written; and a write that fails (a full disk, here fsync)
+    removes its temporary file and leaves the old one."""
+    torch = pytest.importorskip("torch")
+    s = KDPM2DiscreteScheduler(backend="torch")
+    s.set_timesteps(4)
+    x = torch.linspace(-2.0, 2.0, 12).reshape(3, 4)
+    save_checkpoint(tmp_path, s, latents=x)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError, match="float8"):
+        save_checkpoint(tmp_path, s, latents=2 * x, extra=torch.zeros(2, dtype=torch.float8_e4m3fn))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(TypeError, match="float8"):
+        save_checkpoint(tmp_path / "new", s, latents=2 * x, extra=torch.zeros(2, dtype=torch.float8_e4m3fn))
+    assert not (tmp_path / "new").exists()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, s, latents=2 * x)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file, old files intact
+    monkeypatch.undo()
+    _, arrays = load_checkpoint(tmp_path)
+    assert torch.equal(arrays["latents"], x)
+
+
+def test_long_custom_schedules_save_and_load(tmp_path):
+    s = KDPM2DiscreteScheduler()
+    s.set_timesteps(sigmas=np.geomspace(80.0, 0.01, 60001).tolist() + [0.0])  # a JSON of about 1.5 MB
+    save_checkpoint(tmp_path, s)
+    assert (tmp_path / STATE_FILE).stat().st_size > 1 << 20
+    loaded, _ = load_checkpoint(tmp_path)
+    assert np.array_equal(loaded.sigmas, s.sigmas)
+
+
+def test_float64_on_a_backend_without_it_is_refused(tmp_path):
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("jax_enable_x64 is on: JAX holds float64")
+    numpy_run_after_euler(tmp_path)  # float64 arrays
+    with pytest.raises(ValueError, match="is float64, which backend 'jax' cannot hold.*jax_enable_x64"):
+        load_checkpoint(tmp_path, backend="jax")
+
+
+def test_a_device_the_backend_cannot_reach_is_a_clear_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    numpy_run_after_euler(tmp_path)
+    with pytest.raises(ValueError, match="cannot be placed on device 'cuda' of backend 'torch'"):
+        load_checkpoint(tmp_path, backend="torch", device="cuda")
