@@ -245,23 +245,28 @@ def init(plan: Plan, sample: Array, index: int = 0) -> State:
     started from, which only :func:`step` stores. An integer index is checked; a backend array (a traced
     value in a compiled loop) is taken as it is.
     """
-    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
-        n = num_substeps(plan)
-        if not 0 <= index < n:
-            raise ValueError(f"index must be in [0, {n - 1}], got {index}")
-        if not plan.info.base.table[index, 5]:
-            raise ValueError(
-                f"index {index} is a midpoint substep: it continues from the sample stored by the Euler substep "
-                f"before it, so start at an Euler substep ({index - 1}) and step from there"
-            )
-    elif not plan.info.backend.owns(index):
-        raise TypeError(f"index must be an integer or a 0-d integer array, got {type(index).__name__} {index!r}")
+    _check_start(plan, index, "index")
     backend = plan.info.backend
     # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
     extra = {} if plan.info.device is None else {"device": plan.info.device}
     # ``stored`` starts as zeros, not as ``sample`` itself: an alias of the step's input would make compilers
     # guard on it and compile the first step apart from the rest
     return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), backend.xp.zeros_like(sample))
+
+
+def _check_start(plan: Plan, index, name: str) -> None:
+    """``index`` (the argument ``name``) is an Euler substep of ``plan``; a backend array is taken as it is."""
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        n = num_substeps(plan)
+        if not 0 <= index < n:
+            raise ValueError(f"{name} must be in [0, {n - 1}], got {index}")
+        if not plan.info.base.table[index, 5]:
+            raise ValueError(
+                f"{name} {index} is a midpoint substep: it continues from the sample stored by the Euler substep "
+                f"before it, so start at an Euler substep ({index - 1}) and step from there"
+            )
+    elif not plan.info.backend.owns(index):
+        raise TypeError(f"{name} must be an integer or a 0-d integer array, got {type(index).__name__} {index!r}")
 
 
 def _row(plan: Plan, state: State, values: Array) -> Array:
@@ -339,6 +344,7 @@ def sample(
     s_noise: float | None = None,
     seed: int | None = None,
     rng: Any = None,
+    start: int = 0,
 ) -> Array:
     """Run the whole schedule from ``x`` (noise already scaled by :func:`init_noise_sigma`) with the backend's
     loop primitive (``lax.fori_loop`` on JAX, a Python loop elsewhere); returns the final sample.
@@ -359,6 +365,9 @@ def sample(
         s_noise: Scale of the churn noise (``None``: the plan's).
         seed: Seed of the backend's generator for the churn noise.
         rng: A generator state from ``backend.rng`` instead of ``seed`` (on JAX a key; may be traced).
+        start: The substep to start at (an Euler substep, as :func:`init` takes), for img2img: ``x`` is then the
+            image's latents noised to that substep's sigma, as the stateful scheduler's ``set_begin_index``
+            and ``add_noise`` prepare them.
     """
     _check_dtype(plan, x)
     info = plan.info
@@ -384,5 +393,8 @@ def sample(
         (x, _), state = step(plan, state, output, x)
         return x, state, rng
 
-    x, _, _ = backend.loop(num_substeps(plan), body, (x, init(plan, x), rng))
+    if not isinstance(start, numbers.Integral):  # a loop's length is a host number
+        raise TypeError(f"start must be an integer, got {type(start).__name__} {start!r}")
+    _check_start(plan, start, "start")
+    x, _, _ = backend.loop(num_substeps(plan) - start, body, (x, init(plan, x, start), rng))
     return x

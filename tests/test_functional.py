@@ -461,3 +461,31 @@ def test_mixed_dtypes_follow_numpys_promotion(backend_name):
         scheduler.set_timesteps(4)
         with pytest.raises(TypeError, match="sample and model_output must be floating-point arrays.*int64"):
             scheduler.step(np.ones((2, 2), np.int64), scheduler.timesteps[0], np.ones((2, 2), np.int64))
+
+
+def test_sample_from_a_later_substep_is_img2img(backend_name):
+    """``sample(..., start=k)`` runs substeps k.. on latents noised to substep k: the stateful scheduler's
+    img2img loop (set_begin_index(k), add_noise, step) bit for bit."""
+    backend = kdpm2core.get_backend(backend_name)
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(use_karras_sigmas=True, backend=backend_name)
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(6)  # img2img: the loop starts at substep 6 of 19
+    image = backend.asarray(np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4))
+    noise = backend.asarray(np.cos(np.arange(12, dtype=np.float32)).reshape(3, 4))
+    x = scheduler.add_noise(image, noise, scheduler.timesteps[6:7])
+    plan = F.make_plan(scheduler)
+
+    def model(scaled, t):
+        return 0.5 * scaled + 0.0 * t
+
+    expected = x
+    for t in scheduler.timesteps[6:]:
+        expected = scheduler.step(model(scheduler.scale_model_input(expected, t), t), t, expected).prev_sample
+    got = F.sample(plan, model, x, start=6)
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(expected))
+    with pytest.raises(ValueError, match="start 5 is a midpoint substep.*Euler substep \\(4\\)"):
+        F.sample(plan, model, x, start=5)
+    with pytest.raises(ValueError, match=r"start must be in \[0, 18\], got 19"):
+        F.sample(plan, model, x, start=19)
+    with pytest.raises(TypeError, match="start must be an integer"):
+        F.sample(plan, model, x, start=2.0)
