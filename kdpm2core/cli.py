@@ -11,6 +11,7 @@ import contextlib
 import importlib.metadata
 import json
 import math
+import os
 import sys
 import time
 
@@ -79,15 +80,55 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def _emit_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, default=_json_default))
+    click.echo(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
 
 
-def _json_default(value):
+def _jsonable(value):
+    """``value`` with NumPy types made plain and NaN or infinity made ``None``: strict JSON has neither."""
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_plot(ctx, param, path: str | None) -> str | None:
+    """The file --plot will write, checked before any work: its folder exists and matplotlib writes its format."""
+    if path is None:
+        return None
+    from matplotlib.figure import Figure
+
+    folder, name = os.path.split(path)
+    if folder and not os.path.isdir(folder):
+        raise click.BadParameter(f"folder {folder!r} does not exist", ctx, param)
+    extension = os.path.splitext(name)[1].lstrip(".").lower()
+    if not extension:  # matplotlib would add .png itself; adding it here reports the name really written
+        return path + ".png"
+    formats = Figure().canvas.get_supported_filetypes()
+    if extension not in formats:
+        supported = ", ".join(sorted(formats))
+        raise click.BadParameter(f"cannot write {extension!r} files; use one of {supported}", ctx, param)
+    return path
+
+
+def plot_option(what: str):
+    return click.option(
+        "--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_check_plot,
+        help=f"Write {what} to this file, in the format its extension names (png, pdf, svg, ...; none: .png added).",
+    )
+
+
+def _save(fig, path: str) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as exc:  # no permission, a full disk: found only when writing
+        raise UserError(f"--plot: cannot write {path}: {exc.strerror or exc}") from None
 
 
 # -- scheduler options, shared by sample, compare and schedule -------------------------------------------------
@@ -176,12 +217,11 @@ def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict):
         if dtype == "float64" and not backend.float64:
             raise ValueError(f"backend {backend_name!r} has no float64 support in this process (--dtype)")
         placed = backend.device(device)
-        try:  # the device and dtype together, e.g. "cuda" on a machine without CUDA
-            backend.asarray(np.zeros(1), dtype=backend.dtype(dtype), device=placed)
+        try:  # the device and dtype together ("cuda" without CUDA), and data we can read back (not torch's "meta")
+            backend.to_numpy(backend.asarray(np.zeros(1), dtype=backend.dtype(dtype), device=placed) + 1)
         except Exception as exc:  # torch raises RuntimeError or AssertionError here, other frameworks their own
-            raise ValueError(
-                f"--device {device!r} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}"
-            ) from None
+            where = f"--device {device!r}" if device else "the default device"
+            raise ValueError(f"{where} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}") from None
     scheduler = _make_scheduler(opts, backend_name, placed)
     return backend, placed, scheduler
 
@@ -190,16 +230,21 @@ def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples
     from tqdm import tqdm
 
     results = {}
-    for name in toys:
-        _reset(scheduler, opts, placed)  # fresh scheduler state for each toy
-        label = f"{name} on {scheduler.backend.name}"
-        total = scheduler.timesteps.shape[0]
-        with tqdm(total=total, desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
-            results[name] = toy.run(
-                name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device,
-                callback=lambda _: bar.update(),
-            )
+    with np.errstate(all="ignore"):  # overflow shows in the results, reported as not finite; no warnings besides
+        for name in toys:
+            _reset(scheduler, opts, placed)  # fresh scheduler state for each toy
+            label = f"{name} on {scheduler.backend.name}"
+            total = scheduler.timesteps.shape[0]
+            with tqdm(total=total, desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
+                results[name] = toy.run(
+                    name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device,
+                    callback=lambda _: bar.update(),
+                )
     return results
+
+
+def _out_of_memory(exc: MemoryError, num_samples: int) -> UserError:
+    return UserError(f"out of memory for --samples {num_samples}: {exc}")
 
 
 def _framework_version(backend, name: str) -> str:
@@ -240,15 +285,27 @@ def _summary_lines(name: str, result: dict) -> str:
 
 
 def _compare_figures(row: dict) -> list[str]:
-    if row["status"] != "ok":
-        return ["-"] * 5
-    return [
-        f"{row['wall_time_s']:.3f} s",
-        f"{row['max_diff_mixture']:.2e}",
-        f"{row['max_diff_gaussian']:.2e}",
-        f"{row['gaussian_error']:.2e}",
-        f"{100 * row['within_3_std']:.1f}%",
-    ]
+    def show(key, form, scale=1, unit=""):
+        value = row.get(key)  # absent for a row that did not run; None or NaN for a result that is not finite
+        return "-" if value is None or not math.isfinite(value) else format(scale * value, form) + unit
+
+    return [show("wall_time_s", ".3f", unit=" s"), show("max_diff_mixture", ".2e"), show("max_diff_gaussian", ".2e"),
+            show("gaussian_error", ".2e"), show("within_3_std", ".1f", 100, "%")]
+
+
+def _run_settings(scheduler, opts: dict, *, device, dtype: str, seed: int, num_samples: int) -> dict:
+    """What repeats a run, for the JSON of ``sample`` and ``compare``."""
+    return {
+        "device": device or "default",
+        "dtype": dtype,
+        "steps": scheduler.num_inference_steps,
+        "model_calls": scheduler.timesteps.shape[0],
+        "seed": seed,
+        "samples": num_samples,
+        "custom_sigmas": _parse_sigmas(opts["custom_sigmas"]),
+        "config": dict(scheduler.config),
+        "sigmas": toy.model_sigmas(scheduler).tolist(),
+    }
 
 
 def _public(result: dict) -> dict:
@@ -303,14 +360,14 @@ def backends(as_json):
               help="Registered backend name (see 'kdpm2 backends').")
 @click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the starting noise (drawn with NumPy).")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Points per toy.")
 @click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True,
               help="Which toy model.")
 @scheduler_options
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write a PNG: samples over the density, and the sigma schedule.")
+@plot_option("the samples over each density, and the sigma schedule,")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: on a terminal].")
 def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_json, progress, **opts):
@@ -320,10 +377,13 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
     if progress is None:
         progress = sys.stderr.isatty()
     start = time.perf_counter()
-    results = _run_toys(
-        scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples,
-        progress=progress,
-    )
+    try:
+        results = _run_toys(
+            scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples,
+            progress=progress,
+        )
+    except MemoryError as exc:
+        raise _out_of_memory(exc, num_samples) from None
     wall = time.perf_counter() - start
     if plot:
         plot_samples(plot, results, scheduler)
@@ -332,13 +392,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
         _emit_json({
             "backend": backend_name,
             "version": _framework_version(backend, backend_name),
-            "device": device or "default",
-            "dtype": dtype,
-            "steps": scheduler.num_inference_steps,
-            "model_calls": model_calls,
-            "seed": seed,
-            "config": dict(scheduler.config),
-            "sigmas": toy.model_sigmas(scheduler).tolist(),
+            **_run_settings(scheduler, opts, device=device, dtype=dtype, seed=seed, num_samples=num_samples),
             "results": {name: _public(result) for name, result in results.items()},
             "wall_time_s": wall,
             "plot": plot,
@@ -358,33 +412,44 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
 @click.option("--backends", "names", default=None, metavar="A,B,...", help="Backends to compare [every available one].")
 @click.option("--device", default=None, help="Device for every backend [backend default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the starting noise (drawn with NumPy).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the starting noise (drawn with NumPy).")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True,
               help="Points per toy.")
 @scheduler_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def compare(names, device, dtype, seed, num_samples, as_json, **opts):
-    """Run the same sampling on every available backend and tabulate the largest differences from NumPy."""
+    """Run the same sampling on every available backend and tabulate the largest differences from NumPy.
+
+    A backend named in --backends that cannot run the options is an error (status 2); one picked by default is
+    a skipped row.
+    """
     chosen = [n.strip() for n in names.split(",") if n.strip()] if names else available_backends()
-    if "numpy" in chosen:  # the reference runs first
-        chosen.remove("numpy")
-    chosen.insert(0, "numpy")
-    rows, reference = [], None
-    for name in chosen:
-        row = {"backend": name, "status": "ok"}
+    chosen = ["numpy"] + [name for name in dict.fromkeys(chosen) if name != "numpy"]  # the reference runs first
+    reference_scheduler = _make_scheduler(opts)
+    rows, prepared = {}, {}
+    for name in chosen:  # every backend checked before any runs
         try:
-            backend, placed, scheduler = _prepare(name, device if name != "numpy" else None, dtype, opts)
+            prepared[name] = _prepare(name, device if name != "numpy" else None, dtype, opts)
+            rows[name] = {"backend": name, "status": "ok"}
+        except UserError as exc:
+            if name == "numpy" or names:  # the reference, or a backend the user asked for by name
+                raise
+            rows[name] = {"backend": name, "status": f"skipped: {exc.format_message()}"}
+        except Exception as exc:  # one backend failing must not hide the others' results
+            rows[name] = {"backend": name, "status": f"failed: {exc!r}"}
+    reference = None
+    for name, (backend, placed, scheduler) in prepared.items():
+        row = rows[name]
+        try:
             results = _run_toys(
                 scheduler, list(toy.TOYS), opts, placed=placed, device=device if name != "numpy" else None, dtype=dtype,
                 seed=seed, num_samples=num_samples, progress=False,
             )
-        except UserError as exc:
-            if name == "numpy" or names:  # the reference, or a backend the user asked for by name
-                raise
-            rows.append({**row, "status": f"skipped: {exc.format_message()}"})
-            continue
-        except Exception as exc:  # one backend failing must not hide the others' results
-            rows.append({**row, "status": f"failed: {exc!r}"})
+        except MemoryError as exc:
+            raise _out_of_memory(exc, num_samples) from None
+        except Exception as exc:  # as above: a row, and the others still run
+            row["status"] = f"failed: {exc!r}"
             continue
         samples = {key: result["samples"] for key, result in results.items()}
         if reference is None:
@@ -394,11 +459,14 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
             row[f"max_diff_{key}"] = float(np.max(np.abs(samples[key] - reference[key])))
         row["gaussian_error"] = results["gaussian"].get("max_error")
         row["within_3_std"] = results["mixture"].get("within_3_std")
-        rows.append(row)
+        if not all(result["finite"] for result in results.values()):
+            row["status"] = "not finite"
+    rows = list(rows.values())
     failed = any(row["status"].startswith("failed") for row in rows)
     if as_json:
-        _emit_json({"dtype": dtype, "seed": seed, "samples": num_samples, "config": _config_from(opts),
-                    "backends": rows})
+        settings = _run_settings(reference_scheduler, opts, device=device, dtype=dtype, seed=seed,
+                                 num_samples=num_samples)
+        _emit_json({**settings, "backends": rows})
     else:
         click.echo(f"{num_samples} points per toy, {dtype}, seed {seed}; "
                    "differences are max |x - x_numpy| over all coordinates")
@@ -411,8 +479,7 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
 
 @cli.command(short_help="Timesteps and sigmas of a schedule.")
 @scheduler_options
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write a PNG of the timesteps and sigmas.")
+@plot_option("the timesteps and sigmas")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def schedule(plot, as_json, **opts):
     """Print the timesteps and sigmas of a schedule: one row per substep (model call)."""
@@ -479,7 +546,7 @@ def _draw_sigmas(ax, label: str, scheduler) -> None:
 
 
 def plot_samples(path: str, results: dict, scheduler) -> None:
-    """Samples of each toy over its density, and the sigma schedule, side by side in one PNG."""
+    """Samples of each toy over its density, and the sigma schedule, side by side in one figure."""
     fig = _figure(4 * (len(results) + 1), 4)
     axes = fig.subplots(1, len(results) + 1)
     grid = np.linspace(-4.5, 4.5, 181)
@@ -494,11 +561,11 @@ def plot_samples(path: str, results: dict, scheduler) -> None:
         ax.set_title(f"{name}: {len(result['samples'])} samples")
     _draw_sigmas(axes[-1], scheduler.backend.name, scheduler)
     axes[-1].set_title(f"{scheduler.num_inference_steps} steps")
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def plot_schedules(path: str, schedulers: dict) -> None:
-    """Sigma and timestep per substep of each labelled scheduler, in one PNG."""
+    """Sigma and timestep per substep of each labelled scheduler, in one figure."""
     fig = _figure(9, 3.6)
     left, right = fig.subplots(1, 2)
     for label, scheduler in schedulers.items():
@@ -510,7 +577,7 @@ def plot_schedules(path: str, schedulers: dict) -> None:
         fig.suptitle(next(iter(schedulers)), fontsize=9)
     else:
         right.legend(fontsize=8)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def main(argv=None):

@@ -199,6 +199,51 @@ def test_compare_agrees_across_backends():
         assert row["gaussian_error"] == pytest.approx(rows["numpy"]["gaussian_error"], rel=1e-3)
 
 
+def test_compare_reports_results_that_are_not_finite():
+    args = ["compare", "--backends", "numpy", "--dtype", "float16", "--custom-sigmas", "1000,1,0", "--samples", "20"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    numpy_row = next(line.split() for line in result.stdout.splitlines() if line.startswith("numpy "))
+    assert numpy_row[1:3] == ["not", "finite"] and numpy_row[-4:] == ["-"] * 4
+    result = invoke(*args, "--json")
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    (row,) = json.loads(result.stdout, parse_constant=reject)["backends"]
+    assert row["status"] == "not finite" and row["max_diff_mixture"] is None and row["gaussian_error"] is None
+
+
+def test_compare_json_has_what_repeats_the_run_as_sample_json_does():
+    options = ["--dtype", "float64", "--seed", "4", "--samples", "30", "--custom-sigmas", "10,3,1,0"]
+    compared = invoke_json("compare", "--backends", "numpy", *options)
+    sampled = invoke_json("sample", "--backend", "numpy", *options)
+    assert set(compared) - {"backends"} == set(sampled) - {"backend", "version", "results", "wall_time_s", "plot"}
+    for key in set(compared) - {"backends"}:
+        assert compared[key] == sampled[key], key
+    settings = [compared[key] for key in ("device", "dtype", "seed", "samples", "steps", "custom_sigmas")]
+    assert settings == ["default", "float64", 4, 30, 3, [10, 3, 1, 0]]
+
+
+@pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
+def test_compare_runs_each_backend_once():
+    data = invoke_json("compare", "--backends", "torch,numpy,torch", "--steps", "2", "--samples", "20")
+    assert [row["backend"] for row in data["backends"]] == ["numpy", "torch"]
+
+
+@pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
+def test_compare_skips_a_default_backend_that_cannot_run_but_refuses_a_named_one(monkeypatch):
+    monkeypatch.setattr(cli, "available_backends", lambda: ["numpy", "torch"])
+    data = invoke_json("compare", "--device", "tpu:7", "--steps", "2", "--samples", "20")
+    statuses = {row["backend"]: row["status"] for row in data["backends"]}
+    assert statuses["numpy"] == "ok" and statuses["torch"].startswith("skipped:") and "tpu:7" in statuses["torch"]
+    runs = []
+    monkeypatch.setattr(toy, "run", lambda *args, **kwargs: runs.append(args))
+    result = invoke("compare", "--backends", "numpy,torch", "--device", "tpu:7")
+    assert result.exit_code == 2 and "tpu:7" in result.stderr
+    assert runs == []  # refused before anything ran
+
+
 @pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")
 def test_compare_table_in_float64():
     result = invoke("compare", "--backends", "torch", "--dtype", "float64", "--steps", "4", "--samples", "50")
@@ -218,6 +263,21 @@ def test_schedule_prints_one_row_per_substep(tmp_path):
     np.testing.assert_allclose([float(row[3]) for row in rows], np.asarray(scheduler.timesteps), atol=1e-4)
     np.testing.assert_allclose([float(row[4]) for row in rows], toy.model_sigmas(scheduler), rtol=1e-5)
     assert png_size(path)[0] > 0
+
+
+def test_plot_without_an_extension_reports_the_png_it_writes(tmp_path):
+    data = invoke_json("schedule", "--steps", "2", "--plot", str(tmp_path / "noext"))
+    assert data["plot"] == str(tmp_path / "noext.png") and png_size(tmp_path / "noext.png")[0] > 0
+    assert os.listdir(tmp_path) == ["noext.png"]
+    result = invoke("schedule", "--steps", "2", "--plot", str(tmp_path / "again"))
+    assert result.stdout.endswith(f"plot written to {tmp_path / 'again.png'}\n")
+    assert "extension" in invoke("schedule", "--help").stdout  # the help says what decides the format
+
+
+def test_plot_format_follows_the_extension(tmp_path):
+    result = invoke("schedule", "--steps", "2", "--plot", str(tmp_path / "s.svg"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_schedule_json_with_custom_sigmas():
@@ -271,7 +331,13 @@ def test_conformance_without_the_suite_is_one_clear_line(monkeypatch):
         (["sample", "--stepz", "3"], "--stepz"),
         (["sample", "--device", "tpu:7"], "tpu:7"),
         (["sample", "--beta-start", "2"], "beta_start"),
-        (["sample", "--dtype", "bfloat16"], "bfloat16"),
+        (["sample", "--dtype", "bfloat16"], "the default device with --dtype bfloat16"),
+        (["sample", "--seed", "-1"], "--seed"),
+        (["compare", "--seed", "-1"], "--seed"),
+        (["sample", "--plot", "/nonexistent/dir/x.png"], "--plot"),
+        (["schedule", "--plot", "/nonexistent/dir/x.png"], "--plot"),
+        (["sample", "--plot", "out.txt"], "--plot"),
+        pytest.param(["sample", "--backend", "torch", "--device", "meta"], "--device 'meta'", marks=pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")),
         (["schedule", "--custom-sigmas", "1,2,3"], "strictly decreasing"),
         (["schedule", "--custom-sigmas", "1,x"], "--custom-sigmas"),
         (["compare", "--backends", "numpy,nosuch"], "unknown backend 'nosuch'"),
@@ -285,6 +351,18 @@ def test_user_errors_are_one_line_with_status_2(args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdpm2") and "error:" in lines[0] and words in lines[0], result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["sample", "compare"])
+def test_running_out_of_memory_is_a_user_error(monkeypatch, command):
+    def run(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.46 TiB")  # what numpy says for --samples 100000000000
+
+    monkeypatch.setattr(toy, "run", run)
+    result = invoke(command, "--backends" if command == "compare" else "--backend", "numpy")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"kdpm2 {command}: error: out of memory for --samples " \
+        f"{2000 if command == 'sample' else 500}: Unable to allocate 1.46 TiB"
 
 
 def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch):
