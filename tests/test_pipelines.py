@@ -103,3 +103,19 @@ def test_pipeline_patches_steps_offset_of_a_legacy_config(components):
         images.append(tiny.txt2img(pipe, steps=STEPS))
         assert float(scheduler.timesteps[-1]) == 1.0  # leading spacing ends at steps_offset
     assert np.abs(images[0] - images[1]).max() <= ATOL
+
+
+def test_saved_pipeline_reloads_with_our_scheduler_passed_in(components, tmp_path):
+    """diffusers' save_pretrained saves only components of libraries it knows, so it leaves our scheduler out
+    (model_index.json says null). The documented way back: save the scheduler's config beside the pipeline and
+    hand a scheduler built from it to from_pretrained. The images are the same."""
+    pipe = StableDiffusionPipeline(**components)
+    pipe.scheduler = ours_from(pipe, use_karras_sigmas=True)
+    expected = tiny.txt2img(pipe, steps=STEPS)
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "scheduler").exists()  # what diffusers does with a class it does not know
+    pipe.scheduler.save_config(tmp_path / "scheduler")
+    scheduler = KDPM2DiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler", backend="torch")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path, scheduler=scheduler)
+    assert isinstance(again.scheduler, KDPM2DiscreteScheduler) and again.scheduler.config.use_karras_sigmas
+    np.testing.assert_array_equal(tiny.txt2img(again, steps=STEPS), expected)
