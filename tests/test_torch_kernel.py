@@ -266,3 +266,72 @@ def test_sparse_tensors_take_torchs_kernels():
         assert scaled.is_sparse and torch.equal(scaled.to_dense(), dense.scale_model_input(x, t))
         (y, pred_sparse), (x, pred) = sparse.step(model_output.to_sparse(), t, y, return_dict=False), dense.step(model_output, t, x, return_dict=False)
         assert y.is_sparse and torch.equal(y.to_dense(), x) and torch.equal(pred_sparse.to_dense(), pred)
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # storage() is what older user code keeps
+def test_pool_never_reuses_a_buffer_the_caller_still_reaches():
+    """The pool reuses a large output's buffer once nothing references it. A storage handle the caller kept
+    (``untyped_storage()`` or ``storage()``) counts as a reference, and a buffer moved to shared memory (sent
+    to another process by torch.multiprocessing) is never reused; a buffer nobody holds still is."""
+    backend = kdpm2core.get_backend("torch")
+    x = torch.randn(1, 4, 256, 256)  # 1 MiB: a pooled size
+    for keep in (lambda t: t.untyped_storage(), lambda t: t.storage()):
+        out = backend.scale(x, 0.5)
+        handle, expected, address = keep(out), out.clone(), out.data_ptr()
+        del out
+        others = [backend.scale(torch.full_like(x, 7.0), 1.0) for _ in range(3)]
+        assert all(o.data_ptr() != address for o in others)
+        assert torch.equal(torch.empty(0).set_(handle.untyped() if hasattr(handle, "untyped") else handle, 0, x.shape), expected)
+        del handle, others
+    out = backend.scale(x, 0.5)
+    address = out.data_ptr()
+    del out
+    assert backend.scale(x, 0.25).data_ptr() == address  # free: reused
+    shared = backend.scale(x, 0.5)
+    address = shared.data_ptr()
+    shared.share_memory_()
+    del shared
+    assert all(backend.scale(x, 0.25).data_ptr() != address for _ in range(3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_mixed_dtypes_give_the_promoted_dtype_as_diffusers(prediction_type, dtypes):
+    """A float16 sample with a float32 model output: torch's operators, and diffusers, give float32."""
+    sample_dtype, output_dtype = dtypes
+    ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch", prediction_type=prediction_type)
+    ours.set_timesteps(10)
+    x = torch.linspace(-3, 3, 4096).reshape(1, 4, 32, 32).to(sample_dtype)
+    output = torch.linspace(1, -1, 4096).reshape(1, 4, 32, 32).to(output_dtype)
+    first = ours.step(output, ours.timesteps[0], x)
+    second = ours.step(output, ours.timesteps[1], first.prev_sample)  # a midpoint: stored is the float16 sample
+    for result in (*first, *second):
+        assert result.dtype == output_dtype
+    if prediction_type == "v_prediction":  # diffusers has no "sample" prediction
+        reference = diffusers_kdpm2(prediction_type=prediction_type)
+        reference.set_timesteps(10)
+        expected = reference.step(output, reference.timesteps[0], x).prev_sample
+        assert expected.dtype == output_dtype
+        assert relative_error(first.prev_sample.double().numpy(), expected.double().numpy()) < 1e-6
+
+
+def test_cached_scalars_do_not_take_the_callers_context():
+    """The scale factors are cached for the process: one made under inference_mode or a meta default device
+    must not break later calls outside it."""
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        first = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+        first.set_timesteps(13)
+        first.scale_model_input(x, first.timesteps[0])
+    with torch.device("meta"):
+        other = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+        other.set_timesteps(17, device="cpu")
+        other.scale_model_input(x, other.timesteps[0])
+    for steps in (13, 17):
+        scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+        scheduler.set_timesteps(steps)
+        leaf = x.clone().requires_grad_(True)
+        scaled = scheduler.scale_model_input(leaf, scheduler.timesteps[0])
+        scaled.sum().backward()
+        assert scaled.device.type == "cpu" and leaf.grad is not None

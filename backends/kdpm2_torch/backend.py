@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 
 import array_api_compat.torch
@@ -66,7 +67,9 @@ class TorchBackend(ArrayAPIBackend):
         A new CPU allocation this large comes straight from the OS, and the first write to each of its pages
         faults and zero-fills it: measured here, that costs more than the substep itself. So large outputs
         reuse buffers of earlier outputs that nothing references any more (the storage's use count says so:
-        no tensor, view, NumPy array or autograd record can see it), as torch's CUDA caching allocator does.
+        no tensor, view, NumPy array or autograd record can see it; and the Python reference count of its
+        storage object, that no storage handle can), as torch's CUDA caching allocator does. A buffer moved to
+        shared memory (sent to another process) leaves the pool.
         A buffer still in use is never handed out, so a returned array is never overwritten behind the
         caller's back. At most :data:`POOL_BUFFERS` buffers per shape are kept; :meth:`release_buffers`
         frees them.
@@ -78,8 +81,11 @@ class TorchBackend(ArrayAPIBackend):
             buffers = self._pool.setdefault(key, [])
             for i in range(len(buffers) - 1, -1, -1):  # the most recently used free buffer: likely still cached
                 buffer = buffers[i]
-                storage = buffer.untyped_storage()
-                if _USE_COUNT(storage._cdata) == 2:  # the pool's tensor and ``storage`` only
+                if buffer.untyped_storage().is_shared():  # sent to another process (torch.multiprocessing)
+                    del buffers[i]  # which may still map it: never reuse it
+                    continue
+                storage = _reusable(buffer)
+                if storage is not None:
                     buffers.append(buffers.pop(i))
                     return torch.empty(0, dtype=like.dtype).set_(storage, 0, buffer.shape, buffer.stride())
             fresh = torch.empty_like(like)
@@ -206,10 +212,33 @@ LARGE_BYTES = 1 << 20
 POOL_BUFFERS = 8
 
 
+def _reusable(buffer):
+    """``buffer``'s storage when nothing but the pool reaches it, else None. Its use count then holds the pool's
+    tensor and torch's one Python object for the storage; and since torch hands every caller that same object,
+    a caller who kept it (``x.untyped_storage()``, ``x.storage()``) shows in its Python reference count."""
+    storage = buffer.untyped_storage()
+    if _USE_COUNT(storage._cdata) == 2 and sys.getrefcount(storage) <= _FREE_REFS:
+        return storage
+    return None
+
+
+def _refs_of_a_fresh_storage(tensor) -> int:
+    storage = tensor.untyped_storage()  # as in _reusable: one local name, one argument of getrefcount
+    return sys.getrefcount(storage)
+
+
+#: the Python reference count of a storage object that only _reusable holds (measured, not assumed)
+_FREE_REFS = _refs_of_a_fresh_storage(torch.empty(1))
+
+
 @functools.lru_cache(maxsize=4096)
 def _cpu_scalar(value: float, dtype):
-    """``value`` as a 0-d CPU tensor of ``dtype``, or None for dtypes other than float32 and float64."""
-    return torch.tensor(value, dtype=dtype) if dtype in _KERNEL_DTYPES else None
+    """``value`` as a 0-d CPU tensor of ``dtype``, or None for dtypes other than float32 and float64. Made on
+    the CPU and outside inference mode whatever the caller's context: the cache outlives it."""
+    if dtype not in _KERNEL_DTYPES:
+        return None
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device="cpu")
 
 
 def _combine(dst, terms):
@@ -223,6 +252,10 @@ def _combine(dst, terms):
     if not live:
         return torch.zeros_like(terms[0][1]) if dst is None else dst.zero_()
     coef, x = live[0]
+    if dst is None and any(y.dtype != x.dtype for _, y in live[1:]):
+        # mixed dtypes: the in-place adds below would keep the first term's dtype; start in the promoted one,
+        # the dtype torch's operators (and diffusers) give the whole expression
+        x = x.to(functools.reduce(torch.promote_types, (y.dtype for _, y in live)))
     extra = {} if dst is None else {"out": dst}
     if len(live) > 1 and type(coef) is float and coef == 1.0 and type(live[1][0]) is float:
         dst = torch.add(x, live[1][1], alpha=live[1][0], **extra)
