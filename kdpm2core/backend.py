@@ -195,15 +195,13 @@ class ArrayAPIBackend:
         :data:`CHUNK`-element scratch; with ``out`` buffers, only that scratch.
         """
         if _accepts_out(self.xp):
-            prev_terms, pred_terms = ((b, sample), (c, model_output), (a, stored)), ((p, sample), (q, model_output))
-            if out is None:
-                prev, pred = self._result(prev_terms, sample), self._result(pred_terms, sample)
-            else:
-                prev, pred = out
-                if any(np.may_share_memory(buffer, x) for buffer in out for x in (sample, model_output, stored) if x is not None):
-                    raise ValueError("out buffers must not overlap sample, model_output or the stored sample (state.stored)")
-            _ufunc_combine(prev, prev_terms)
-            _ufunc_combine(pred, pred_terms)
+            prev, pred = (None, None) if out is None else out
+            if out is not None and any(
+                np.may_share_memory(buffer, x) for buffer in out for x in (sample, model_output, stored) if x is not None
+            ):
+                raise ValueError("out buffers must not overlap sample, model_output or the stored sample (state.stored)")
+            prev = _ufunc_combine(prev, ((b, sample), (c, model_output), (a, stored)), like=sample)
+            pred = _ufunc_combine(pred, ((p, sample), (q, model_output)), like=sample)
             return prev, pred
         prev = self.lincomb(((b, sample), (c, model_output), (a, stored)))
         pred = self.lincomb(((p, sample), (q, model_output)))
@@ -213,15 +211,6 @@ class ArrayAPIBackend:
             return prev, pred
         out[0][...], out[1][...] = prev, pred
         return out[0], out[1]
-
-    def _result(self, terms, like) -> Array:
-        """A new C-contiguous array for ``sum(coef * x)``: ``like``'s shape, whatever its memory layout (a
-        transposed or Fortran-ordered sample too), and the dtype NumPy's promotion gives the arrays of the terms
-        (a float32 sample with a float64 model output gives float64, as the arithmetic itself would)."""
-        dtype = np.result_type(*(x for coef, x in terms if x is not None and not (_is_scalar(coef) and coef == 0)))
-        if dtype.kind != "f":
-            raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
-        return self.xp.empty(like.shape, dtype=dtype)
 
     # -- loops ------------------------------------------------------------------------------------------------
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -242,9 +231,18 @@ def _accepts_out(xp) -> bool:
     return isinstance(getattr(xp, "multiply", None), np.ufunc) and isinstance(getattr(xp, "add", None), np.ufunc)
 
 
-def _ufunc_combine(dst, terms) -> None:
-    """``dst[...] = sum(coef * x)`` in the order given, product by product, one chunk at a time."""
+def _ufunc_combine(dst, terms, *, like):
+    """``dst[...] = sum(coef * x)`` in the order given, product by product, one chunk at a time; returns ``dst``.
+
+    With ``dst`` None the result is a new C-contiguous array of ``like``'s shape, whatever ``like``'s memory
+    layout (a transposed or Fortran-ordered sample too), in the dtype NumPy's promotion gives the terms' arrays
+    (a float32 sample with a float64 model output gives float64, as the arithmetic itself would)."""
     terms = [(coef, x) for coef, x in terms if not (_is_scalar(coef) and coef == 0)]
+    if dst is None:
+        dtype = np.result_type(*(x for _, x in terms)) if terms else like.dtype
+        if dtype.kind != "f":
+            raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
+        dst = np.empty(like.shape, dtype=dtype)
     if not dst.flags.c_contiguous:
         raise ValueError("out buffers must be C-contiguous arrays")
     flat = dst.reshape(-1)  # a view, since ``dst`` is contiguous
@@ -269,3 +267,4 @@ def _ufunc_combine(dst, terms) -> None:
                 tmp = scratch[: part.size]
                 np.multiply(x, coef, out=tmp)
                 np.add(part, tmp, out=part)
+    return dst

@@ -215,8 +215,7 @@ def _dtype_name(dtype) -> str:
 
 def _write_checkpoint(directory: Path, files: dict, manifest: dict) -> Path:
     """Write the encoded arrays, then the JSON with the SHA-256 of its own contents; returns the JSON's path."""
-    body = json.dumps(manifest, sort_keys=True, allow_nan=False)
-    data = (json.dumps({**manifest, "sha256": hashlib.sha256(body.encode()).hexdigest()}, indent=1, allow_nan=False) + "\n").encode()
+    data = (json.dumps({**manifest, "sha256": _manifest_digest(manifest)}, indent=1, allow_nan=False) + "\n").encode()
     if len(data) > MAX_MANIFEST_BYTES:  # refused now rather than saved and then unreadable
         raise ValueError(f"the checkpoint's {STATE_FILE} would be {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}")
     directory.mkdir(parents=True, exist_ok=True)
@@ -231,12 +230,16 @@ def _read_manifest(path: Path) -> dict:
     """The checkpoint JSON, checked against the SHA-256 of its contents that it carries."""
     manifest = _config.load_config_file(path, what="checkpoint", limit=MAX_MANIFEST_BYTES)
     digest = manifest.pop("sha256", None)
-    body = json.dumps(manifest, sort_keys=True, allow_nan=False)
     if digest is None and manifest.get("format") in (CHECKPOINT_FORMAT, FUNCTIONAL_FORMAT):
         raise ValueError(f"{STATE_FILE} in {str(path.parent)!r} has no sha256 of its contents")
-    if digest is not None and digest != hashlib.sha256(body.encode()).hexdigest():
+    if digest is not None and digest != _manifest_digest(manifest):
         raise ValueError(f"{STATE_FILE} in {str(path.parent)!r} does not match its sha256: edited, or damaged")
     return manifest
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's contents in one canonical form (sorted keys), which writer and reader share."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def _encode_array(backend, x) -> tuple[bytes, dict]:

@@ -461,6 +461,9 @@ def test_mixed_dtypes_follow_numpys_promotion(backend_name):
         scheduler.set_timesteps(4)
         with pytest.raises(TypeError, match="sample and model_output must be floating-point arrays.*int64"):
             scheduler.step(np.ones((2, 2), np.int64), scheduler.timesteps[0], np.ones((2, 2), np.int64))
+        # a row whose coefficients are all zero (the protocol allows it) is zeros of the sample's dtype
+        zeros = backend.update(0.0, 0.0, 0.0, 0.0, 0.0, None, x32, x32.astype(np.float64))
+        assert all(z.dtype == np.float32 and not z.any() for z in zeros)
 
 
 def test_sample_from_a_later_substep_is_img2img(backend_name):
