@@ -62,7 +62,7 @@ class PlanInfo:
     """Host-side facts of a plan: no arrays. Static under ``jax.jit``, so it compares by value: two plans
     made alike (say, one per request) share one compiled function instead of compiling one each."""
 
-    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "_key")
+    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "index_dtype", "_key")
 
     def __init__(self, backend, dtype, device, base: Schedule, options: dict, prediction_type: str, churn: tuple):
         self.backend = backend  #: the backend object every function of this module calls
@@ -72,8 +72,9 @@ class PlanInfo:
         self.options = options  #: the validated scheduler options (for the training sigmas)
         self.prediction_type = prediction_type  #: what the table expects the model to predict
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
+        self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
-        self._key = (backend.name, str(dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+        self._key = (backend.name, str(dtype), str(self.index_dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
 
     def __eq__(self, other):
         return type(other) is PlanInfo and (self is other or (self.backend is other.backend and self._key == other._key))
@@ -104,7 +105,7 @@ class Plan(NamedTuple):
 class State(NamedTuple):
     """The sampler's state: a pytree of arrays (JAX can carry it through ``lax.scan``)."""
 
-    index: Array  #: 0-d int32: the next substep
+    index: Array  #: 0-d integer (the namespace's default index dtype, :attr:`PlanInfo.index_dtype`): the next substep
     stored: Array  #: the sample passed to the previous step (what a midpoint substep starts from); zeros at first
 
 
@@ -251,7 +252,7 @@ def init(plan: Plan, sample: Array, index: int = 0) -> State:
     extra = {} if plan.info.device is None else {"device": plan.info.device}
     # ``stored`` starts as zeros, not as ``sample`` itself: an alias of the step's input would make compilers
     # guard on it and compile the first step apart from the rest
-    return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), backend.xp.zeros_like(sample))
+    return State(backend.xp.full((), index, dtype=plan.info.index_dtype, **extra), backend.xp.zeros_like(sample))
 
 
 def _check_start(plan: Plan, index, name: str) -> None:
@@ -269,11 +270,26 @@ def _check_start(plan: Plan, index, name: str) -> None:
         raise TypeError(f"{name} must be an integer or a 0-d integer array, got {type(index).__name__} {index!r}")
 
 
+def _index_dtype(xp) -> Any:
+    """The integer dtype ``xp`` uses for indices: ``default_dtypes()["indexing"]`` of its
+    ``__array_namespace_info__``, else the dtype of ``asarray(0)`` (the standard's default integer dtype).
+
+    Some libraries' ``take`` accepts only this dtype (the standard allows any integer dtype), and JAX without
+    ``jax_enable_x64`` has no int64, so the substep index is made in it."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        return info().default_dtypes()["indexing"]
+    return xp.asarray(0).dtype
+
+
 def _row(plan: Plan, state: State, values: Array) -> Array:
-    """``values[state.index]`` through ``take`` with a 1-element index array: no host read on any backend."""
+    """``values[state.index]`` through ``take`` with a 1-element index array: no host read on any backend.
+
+    The leading axis of length 1 is dropped with ``[0, ...]``: the standard indexes every dimension (or says
+    ``...`` for the rest), and standard-strict libraries refuse ``[0]`` on a 2-D array."""
     xp = plan.info.backend.xp
     picked = xp.take(values, xp.reshape(state.index, (1,)), axis=0)
-    return picked[0]
+    return picked[0, ...]
 
 
 def model_inputs(plan: Plan, state: State, sample: Array, *, denoiser: bool = False) -> tuple[Array, Array]:
@@ -387,7 +403,7 @@ def sample(
     def body(_, carry):
         x, state, rng = carry
         if churned:  # host-side constant: the churn-free loop is exactly the scheduler's
-            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype)
+            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
             x = x + eps * _row(plan, state, plan.noise)
         output = model(*model_inputs(plan, state, x, denoiser=denoiser))
         (x, _), state = step(plan, state, output, x)
