@@ -11,6 +11,7 @@ import pytest
 
 import kdpm2core
 from kdpm2core import functional as F
+from kdpm2core.testing.reference import sample_dpm2
 
 from conftest import BACKENDS, initial_noise, relative_error
 
@@ -74,32 +75,6 @@ def test_plan_from_options_equals_plan_from_scheduler():
     assert ours.table.dtype == np.float32 and ours.timesteps.dtype == np.float32
 
 
-def _reference_dpm_2(denoiser, x, sigmas, s_churn, s_tmin, s_tmax, s_noise, draw):
-    """k-diffusion's ``sample_dpm_2`` (Karras et al. 2022, Algorithm 2 with the DPM-Solver-2 midpoint), in float64.
-
-    ``draw()`` returns the next standard normal array; the functional sampler draws one per substep, so the
-    reference draws (and discards) one at each midpoint too.
-    """
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        eps = draw()
-        if gamma > 0:
-            x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-        d = (x - denoiser(x, sigma_hat)) / sigma_hat
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma_hat)
-            continue
-        sigma_mid = math.exp(0.5 * (math.log(sigma_hat) + math.log(sigma_next)))
-        x_2 = x + d * (sigma_mid - sigma_hat)
-        draw()
-        d_2 = (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid
-        x = x + d_2 * (sigma_next - sigma_hat)
-    return x
-
-
 @pytest.mark.parametrize("churn", [dict(s_churn=1.0), dict(s_churn=0.6, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)])
 def test_churned_denoiser_sampling_matches_an_independent_sample_dpm_2(churn):
     # float32 values: custom sigmas are stored as float32, as diffusers stores them
@@ -113,10 +88,7 @@ def test_churned_denoiser_sampling_matches_an_independent_sample_dpm_2(churn):
     x0 = initial_noise((3, 5)).astype(np.float64) * 14.6
     ours = F.sample(plan, denoiser, x0, denoiser=True, seed=123, **churn)
     generator = np.random.default_rng(123)
-    expected = _reference_dpm_2(
-        denoiser, x0, sigmas, churn["s_churn"], churn.get("s_tmin", 0.0), churn.get("s_tmax", math.inf),
-        churn.get("s_noise", 1.0), lambda: generator.standard_normal(x0.shape),
-    )
+    expected = sample_dpm2(denoiser, x0, sigmas, **churn, draw=lambda: generator.standard_normal(x0.shape))
     assert relative_error(ours, expected) < 1e-12
     unchurned = F.sample(plan, denoiser, x0, denoiser=True)
     assert relative_error(ours, unchurned) > 1e-3  # the churn did something
