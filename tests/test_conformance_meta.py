@@ -208,3 +208,65 @@ def test_suite_runs_without_diffusers_torch_or_jax(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "error" not in result.stdout.lower()
+
+
+BROKEN = """
+import numpy as np
+from kdpm2core import hookimpl
+from kdpm2core.backend import ArrayAPIBackend
+
+class WrongXp(ArrayAPIBackend):  # plain numpy, not the namespace array_api_compat gives NumPy arrays
+    def __init__(self):
+        super().__init__("wrong-xp", np)
+
+class NoDeviceOf(ArrayAPIBackend):  # as for a library whose arrays have no .device
+    def device_of(self, x):
+        raise AttributeError(f"{type(x).__name__!r} object has no attribute 'device'")
+
+class IgnoresDtype(ArrayAPIBackend):
+    def asarray(self, obj, *, dtype=None, device=None):
+        return self.xp.asarray(obj, dtype=self.xp.float64)
+
+class ObjectToNumpy(ArrayAPIBackend):  # what numpy.asarray does with an array type it does not understand
+    def to_numpy(self, x):
+        host = np.empty((), dtype=object)
+        host[()] = x
+        return host
+
+def make(cls, name):
+    import array_api_compat.numpy
+    return lambda: cls() if cls is WrongXp else cls(name, array_api_compat.numpy)
+
+@hookimpl
+def register_backends(register):
+    for cls, name in ((WrongXp, "wrong-xp"), (NoDeviceOf, "no-device-of"), (IgnoresDtype, "ignores-dtype"),
+                      (ObjectToNumpy, "object-to-numpy")):
+        register(name, make(cls, name), requires=("numpy",))
+"""
+
+
+def test_protocol_failures_come_first_and_name_the_method_to_override(numpy_copy, monkeypatch):
+    """Each misbehaving method fails a protocol test whose message names the method to override and why; the
+    protocol section runs before the numeric tests, and a backend that failed it has its numeric tests skipped
+    with a pointer back, while a correct backend runs them."""
+    make_distribution(numpy_copy.path, "kdpm2-broken", "broken", BROKEN)
+    monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy-copy,broken")
+    result = numpy_copy.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-v", "-rs", "--pyargs", "kdpm2core.testing",
+        "-k", "test_owns_only or test_device_of or test_asarray_round_trip or test_functional_steps_equal",
+    )
+    out = result.stdout.str()
+    for words in (
+        ["owns() is False for its own asarray()", "xp is 'numpy'", "is 'array_api_compat.numpy'", "set xp to that namespace"],
+        ["device_of(x) raised AttributeError", "no attribute 'device'", "override device_of(x)"],
+        ["asarray(values, dtype=float32) gave float64", "override asarray(obj, dtype=, device=)"],
+        ["to_numpy(x) gave a ndarray of dtype object and shape ()", "0-d object array", "override to_numpy(x)"],
+    ):
+        assert all(word in out for word in words), (words, out[-6000:])
+    lines = [line for line in out.splitlines() if "::test_" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line)]
+    protocol = [i for i, line in enumerate(lines) if "test_backend_protocol.py" in line]
+    assert protocol and max(protocol) < min(i for i, line in enumerate(lines) if "test_functional_api.py" in line)
+    for name in ("wrong-xp", "no-device-of", "ignores-dtype", "object-to-numpy"):
+        assert f"backend '{name}' failed the protocol tests" in out, name
+    functional = [line for line in lines if "test_functional_steps_equal" in line and "numpy-copy-cpu-float32" in line]
+    assert len(functional) == 3 and all("PASSED" in line for line in functional), functional

@@ -22,7 +22,7 @@ import pytest
 from kdpm2core import functional as F
 from kdpm2core.testing.cases import array_toy_model
 from kdpm2core.testing.reference import sample_dpm2
-from kdpm2core.testing.support import EPS, assert_close
+from kdpm2core.testing.support import assert_close
 
 STEPS = 4  # 7 substeps: three Euler-midpoint pairs and the final Euler substep
 CONFIG = {"beta_schedule": "scaled_linear", "use_karras_sigmas": True}
@@ -239,13 +239,13 @@ def test_churn_noise_statistics(kdpm2_case):
     plan = _churn_plan(case, **churn)
     n = 20000
     x = case.xp.zeros((n,), dtype=case.dtype, **({} if plan.info.device is None else {"device": plan.info.device}))
-    linear = lambda x, sigma: x * (1.0 / (1.0 + sigma * sigma))  # noqa: E731
+
+    def linear(x, sigma):
+        return x * (1.0 / (1.0 + sigma * sigma))
+
     result = case.to_numpy(F.sample(plan, linear, x, denoiser=True, seed=5))
     substeps = F.num_substeps(plan)
-    gains = []
-    for i in range(substeps):
-        draws = iter(np.eye(substeps)[i])
-        gains.append(float(sample_dpm2(linear, 0.0, SIGMAS, **churn, draw=lambda: next(draws))))
+    gains = [float(sample_dpm2(linear, 0.0, SIGMAS, **churn, draw=iter(unit).__next__)) for unit in np.eye(substeps)]
     variance = sum(g * g for g in gains)
     assert variance < 0.7 * sum(gains) ** 2, f"the test needs several churned steps, gains {gains}"
     # the sample variance of n normals has relative standard deviation sqrt(2 / n) (0.01); its mean sqrt(var / n)
