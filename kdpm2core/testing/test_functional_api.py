@@ -97,7 +97,6 @@ def test_functional_steps_equal_the_scheduler(kdpm2_case, prediction_type):
     scales = 1.0 / np.sqrt(np.asarray(plan.info.base.sigma_in, dtype=np.float64) ** 2 + 1.0)
     assert F.num_substeps(plan) == scheduler.timesteps.shape[0] == 2 * STEPS - 1
     state, y, before_x = F.init(plan, x), x, None
-    assert state.index.dtype == plan.info.index_dtype, f"{case.label}: State.index is {state.index.dtype}"
     for k in range(F.num_substeps(plan)):
         what = f"prediction_type={prediction_type} substep {k}"
         t = scheduler.timesteps[k]
@@ -125,6 +124,7 @@ def test_functional_steps_equal_the_scheduler(kdpm2_case, prediction_type):
                 _combination(case, results[1], [(p, s), (q, m)], f"{what}: {path} pred_original_sample")
         before_x, x, y, state = x, prev, f_prev, new_state
     assert int(case.to_numpy(state.index)) == F.num_substeps(plan)
+    assert state.index.dtype == plan.info.index_dtype, f"{case.label}: State.index is {state.index.dtype}"
 
 
 def _jit_rtol(case, substeps: int) -> float:
