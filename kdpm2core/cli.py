@@ -1,5 +1,5 @@
 """The ``kdpm2`` command: list backends, sample toy models with an exact denoiser, compare backends, print
-schedules and run the conformance suite.
+schedules, run the conformance suite and start a backend plugin.
 
 User errors (an unknown backend, a bad option) print one line and exit with status 2; Ctrl-C exits with
 status 130. Both without a traceback. Needs the ``cli`` extra (click, tqdm, matplotlib).
@@ -524,6 +524,29 @@ def conformance(backend_name, pytest_args):
         raise click.ClickException(f"the conformance suite is not available in this installation: {exc}") from None
     code = run(backend_name, extra_args=tuple(pytest_args))
     sys.exit(int(code))
+
+
+@cli.group(short_help="Tools for writing a backend plugin.")
+def plugin():
+    """Tools for writing a backend plugin (see docs/plugins.md)."""
+
+
+@plugin.command(name="new", short_help="Write a new backend plugin distribution.")
+@click.argument("name")
+@click.option("--directory", "-o", default=None, type=click.Path(file_okay=False),
+              help="Where to write it [./kdpm2-NAME].")
+def plugin_new(name, directory):
+    """Write a plugin distribution for backend NAME: pyproject.toml with the kdpm2 entry point, the backend
+    module (NumPy-backed, to adapt to your library) and a test that runs the conformance suite. Install it with
+    'pip install -e DIRECTORY', then run 'kdpm2 conformance NAME'."""
+    from kdpm2core.plugin_template import write_plugin
+
+    directory = directory or f"kdpm2-{name}"
+    with user_errors():
+        written = write_plugin(name, directory)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: pip install -e {directory} && kdpm2 conformance {name}")
 
 
 # -- plots -------------------------------------------------------------------------------------------------------

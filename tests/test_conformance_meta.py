@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,40 @@ def test_protocol_failures_come_first_and_name_the_method_to_override(numpy_copy
         assert f"backend '{name}' failed the protocol tests" in out, name
     functional = [line for line in lines if "test_functional_steps_equal" in line and "numpy-copy-cpu-float32" in line]
     assert len(functional) == 3 and all("PASSED" in line for line in functional), functional
+
+
+def test_plugin_new_installs_and_passes_conformance(tmp_path):
+    """``kdpm2 plugin new NAME`` writes a distribution that ``pip install -e`` installs into a fresh environment,
+    where the backend is listed with its version and passes ``kdpm2 conformance NAME`` and the generated test."""
+    from click.testing import CliRunner
+
+    from kdpm2core.cli import cli
+
+    dist = tmp_path / "kdpm2-np-example"
+    made = CliRunner().invoke(cli, ["plugin", "new", "np-example", "--directory", str(dist)])
+    assert made.exit_code == 0, made.output
+    assert "pip install -e" in made.output and (dist / "kdpm2_np_example" / "__init__.py").is_file()
+    again = CliRunner().invoke(cli, ["plugin", "new", "np-example", "--directory", str(dist)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+    # a throwaway environment layered on this one (its site-packages, .pth files included, stay importable)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import site
+
+    parents = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
+    (Path(purelib) / "_parent_environment.pth").write_text(parents)
+    env = {**os.environ, "KDPM2_LOAD_PLUGINS": "numpy,np-example"}
+    run = lambda *args: subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+    installed = run("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(dist))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    listed = run("-m", "kdpm2core.cli", "backends", "--json")
+    row = {r["name"]: r for r in json.loads(listed.stdout)["backends"]}.get("np-example")
+    assert row and row["status"] == "ok" and row["version"] == np.__version__, listed.stdout + listed.stderr
+    conformance = run("-m", "kdpm2core.cli", "conformance", "np-example", "-q", "-p", "no:randomly")
+    assert conformance.returncode == 0 and " passed" in conformance.stdout, conformance.stdout[-3000:] + conformance.stderr[-3000:]
+    own_test = run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(dist / "tests"))
+    assert own_test.returncode == 0 and "1 passed" in own_test.stdout, own_test.stdout[-3000:]
