@@ -22,7 +22,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "kdpm2-{name}"
 version = "0.1.0"
-description = "kdpm2 backend {name!r}."
+description = "kdpm2 backend {name}."
 requires-python = ">=3.10"
 dependencies = ["kdpm2", "numpy>=1.26", "array-api-compat"]
 
@@ -38,7 +38,7 @@ packages = ["{module}"]
 """
 
 MODULE = '''\
-"""The kdpm2 backend {name!r}.
+"""The kdpm2 backend ``{name}``.
 
 It runs on NumPy as generated. For another array library, set ``xp`` to the namespace that
 ``array_api_compat.array_namespace(x)`` returns for its arrays, and override what the library does differently
@@ -53,7 +53,7 @@ from __future__ import annotations
 from kdpm2core import hookimpl
 from kdpm2core.backend import ArrayAPIBackend
 
-NAME = {name!r}
+NAME = "{name}"
 
 
 class Backend(ArrayAPIBackend):
@@ -83,7 +83,7 @@ import kdpm2core.testing
 
 
 def test_conformance():
-    assert kdpm2core.testing.run({name!r}, ["-q"]) == 0
+    assert kdpm2core.testing.run("{name}", ["-q"]) == 0
 '''
 
 

@@ -298,7 +298,10 @@ def test_plugin_new_installs_and_passes_conformance(tmp_path):
     parents = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
     (Path(purelib) / "_parent_environment.pth").write_text(parents)
     env = {**os.environ, "KDPM2_LOAD_PLUGINS": "numpy,np-example"}
-    run = lambda *args: subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+
+    def run(*args):
+        return subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+
     installed = run("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(dist))
     assert installed.returncode == 0, installed.stdout + installed.stderr
     listed = run("-m", "kdpm2core.cli", "backends", "--json")

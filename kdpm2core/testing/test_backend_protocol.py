@@ -57,14 +57,14 @@ def test_device_of_places_arrays_beside_their_input(kdpm2_target):
     kind = f"{type(x).__module__}.{type(x).__qualname__}"
     try:
         device = backend.device_of(x)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- whatever a broken backend raises, the message names the fix
         pytest.fail(
             f"{kdpm2_target.label}: device_of(x) raised {exc!r} for a {kind}. The default reads x.device (through "
             "array_api_compat.device); if your arrays have no .device attribute, override device_of(x) to return "
             "what asarray(device=) accepts (None for a library with a single device)", pytrace=False)
     try:
         y = backend.asarray(np.zeros(2), dtype=backend.dtype("float32"), device=device)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- as above
         pytest.fail(f"{kdpm2_target.label}: asarray(device=device_of(x)) raised {exc!r} for device_of(x) = {device!r}: "
                     "device_of must return a device that asarray(device=) accepts", pytrace=False)
     assert backend.device_of(y) == device, (
