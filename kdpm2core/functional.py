@@ -247,12 +247,17 @@ def init(plan: Plan, sample: Array, index: int = 0) -> State:
     value in a compiled loop) is taken as it is.
     """
     _check_start(plan, index, "index")
-    backend = plan.info.backend
-    # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
-    extra = {} if plan.info.device is None else {"device": plan.info.device}
+    xp, dtype = plan.info.backend.xp, plan.info.index_dtype
+    if isinstance(index, numbers.Integral):
+        # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag); the
+        # standard's fill value is a Python scalar (a NumPy integer is not one)
+        extra = {} if plan.info.device is None else {"device": plan.info.device}
+        start = xp.full((), int(index), dtype=dtype, **extra)
+    else:  # a backend array, perhaps traced: converted where it is, without a host read
+        start = xp.astype(index, dtype)
     # ``stored`` starts as zeros, not as ``sample`` itself: an alias of the step's input would make compilers
     # guard on it and compile the first step apart from the rest
-    return State(backend.xp.full((), index, dtype=plan.info.index_dtype, **extra), backend.xp.zeros_like(sample))
+    return State(start, xp.zeros_like(sample))
 
 
 def _check_start(plan: Plan, index, name: str) -> None:

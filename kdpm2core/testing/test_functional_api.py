@@ -169,6 +169,27 @@ def test_sample_equals_the_step_loop(kdpm2_case):
         F.sample(plan, model, x, start=3)
 
 
+@pytest.mark.kdpm2_dtypes("float32")
+def test_init_takes_python_numpy_and_backend_integers(kdpm2_case):
+    """``init``'s index may be a Python or NumPy integer, or a 0-d integer array of the backend (a traced value
+    in a compiled loop); the state's index is then in the namespace's default index dtype, on the plan's
+    device, and the loop continues from it."""
+    case = kdpm2_case
+    _, plan, x = _setup(case)
+    model = array_toy_model(case.xp)
+    expected = case.to_numpy(_loop(plan, model, x, start=4))
+    for index in (4, np.int64(4), case.backend.asarray(4, dtype=case.backend.dtype("int32"), device=case.device)):
+        state = F.init(plan, x, index)
+        what = f"init(plan, x, {type(index).__module__}.{type(index).__name__} 4)"
+        assert state.index.dtype == plan.info.index_dtype and int(case.to_numpy(state.index)) == 4, (
+            f"{case.label}: {what} gave index {state.index!r}, expected 4 of {plan.info.index_dtype}"
+        )
+        y = x
+        for _ in range(4, F.num_substeps(plan)):
+            (y, _), state = F.step(plan, state, model(*F.model_inputs(plan, state, y)), y)
+        assert np.array_equal(case.to_numpy(y), expected), f"{case.label}: the loop from {what} differs"
+
+
 @pytest.mark.kdpm2_dtypes("float32", "float64")
 def test_img2img_start_equals_the_scheduler(kdpm2_case):
     """img2img: the scheduler's ``set_begin_index(k)``, ``add_noise`` and loop, and ``sample(start=k)`` on the
