@@ -464,3 +464,19 @@ def test_sample_from_a_later_substep_is_img2img(backend_name):
         F.sample(plan, model, x, start=19)
     with pytest.raises(TypeError, match="start must be an integer"):
         F.sample(plan, model, x, start=2.0)
+
+
+def test_index_dtype_is_the_namespaces_default():
+    """The substep index is made in ``default_dtypes()["indexing"]`` of the namespace's inspection object, or,
+    for a namespace without one, in the dtype the namespace gives a Python integer (the standard's default)."""
+    import array_api_compat.numpy as xp
+
+    assert F._index_dtype(xp) == xp.__array_namespace_info__().default_dtypes()["indexing"] == np.int64
+
+    class Older:  # a namespace from before the inspection API
+        asarray = staticmethod(lambda obj: np.asarray(obj, dtype=np.int32))
+
+    assert F._index_dtype(Older) == np.int32
+    plan = F.make_plan(num_inference_steps=3)
+    assert plan.info.index_dtype == np.int64 and F.init(plan, np.zeros(2, np.float32)).index.dtype == np.int64
+
