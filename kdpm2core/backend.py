@@ -21,7 +21,7 @@ class Backend(Protocol):
     """The interface the scheduler needs from an array library."""
 
     name: str  #: registered name, e.g. ``"torch"``
-    xp: Any  #: the array-api-compat namespace of the library
+    xp: Any  #: the namespace ``array_api_compat.array_namespace(x)`` returns for the library's arrays
     float64: bool  #: whether float64 arrays are supported (JAX: only with ``jax_enable_x64``)
     inplace: bool  #: whether arrays can be written in place (False for JAX)
     jit: bool  #: whether :meth:`loop` compiles the whole loop
