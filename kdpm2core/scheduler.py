@@ -11,7 +11,6 @@ import functools
 import hashlib
 import importlib
 import json
-import importlib.util
 import inspect
 import operator
 import os
@@ -206,14 +205,11 @@ class KDPM2DiscreteScheduler:
 
     @classmethod
     def _get_compatibles(cls) -> list:
-        classes = [cls]
-        if importlib.util.find_spec("diffusers") is None:
-            return classes
         try:
             diffusers = importlib.import_module("diffusers")
-        except ImportError:  # installed but broken: ours still work
-            return classes
-        return classes + [getattr(diffusers, name) for name in cls._compatibles if hasattr(diffusers, name)]
+        except ImportError:  # an optional dependency: without it, ours alone
+            return [cls]
+        return [cls] + [getattr(diffusers, name) for name in cls._compatibles if hasattr(diffusers, name)]
 
     @property
     def backend(self):

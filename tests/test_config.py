@@ -52,7 +52,9 @@ def test_config_is_a_read_only_dict_with_attributes():
     config = KDPM2DiscreteScheduler(**SETTINGS).config
     assert isinstance(config, dict) and isinstance(config, FrozenConfig)
     assert config.prediction_type == config["prediction_type"] == "v_prediction"
-    assert set(config) == set(DEFAULTS)
+    # as diffusers: the options left at their defaults are listed, so that other schedulers use their own
+    assert list(config) == [*DEFAULTS, "_use_default_values"]
+    assert config._use_default_values == [key for key in DEFAULTS if key not in SETTINGS]
     with pytest.raises(AttributeError, match="no_such_key"):
         config.no_such_key
     mutations = [
@@ -139,9 +141,12 @@ def test_numpy_bools_are_bools():
 
 
 def test_truly_unknown_keys_warn_and_name_the_key():
+    source = {"my_custom_knob": 3, "clip_sample": False, "_private": 1}
     with pytest.warns(UserWarning, match="my_custom_knob"):
-        ours = KDPM2DiscreteScheduler.from_config({"my_custom_knob": 3, "clip_sample": False, "_private": 1})
-    assert "my_custom_knob" not in ours.config
+        ours = KDPM2DiscreteScheduler.from_config(source)
+    # kept in the config, unused, as diffusers keeps every key of the config it was built from
+    assert {key: ours.config[key] for key in source} == source
+    assert {key: diffusers.KDPM2DiscreteScheduler.from_config(source).config[key] for key in source} == source
 
 
 def test_diffusers_from_config_of_our_config_gets_the_same_settings():
