@@ -243,7 +243,10 @@ class KDPM2DiscreteScheduler:
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
             inner = path / subfolder / cls.config_name if subfolder else None
-            path = inner if inner is not None and inner.is_file() else path / cls.config_name
+            if inner is not None and (inner.is_file() or not (path / cls.config_name).is_file()):
+                path = inner  # when neither is there, the error names the subfolder the caller asked for
+            else:
+                path = path / cls.config_name
         config = _config.load_config_file(path)
         others = {key: value for key, value in kwargs.items() if key not in _config.DOWNLOAD_OPTIONS}
         return (config, others) if return_unused_kwargs else config
