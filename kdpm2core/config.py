@@ -48,7 +48,10 @@ CHOICES = {
 # diffusers' from_pretrained options for downloading from the Hub: ours reads local files only, so they are
 # accepted and have nothing to do (as in diffusers for a local directory)
 DOWNLOAD_OPTIONS = frozenset(
-    "cache_dir force_download proxies local_files_only token revision mirror user_agent local_dir local_dir_use_symlinks".split()
+    {
+        "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "mirror", "user_agent",
+        "local_dir", "local_dir_use_symlinks",
+    }
 )
 SIGMA_FAMILIES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
@@ -193,7 +196,7 @@ def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool 
     unexpected = {k: v for k, v in kept.items() if not str(k).startswith("_") and k not in FOREIGN_SCHEDULER_KEYS}
     if unexpected and warn:
         warnings.warn(f"{owner}: config keys {sorted(unexpected)} are not used by {CLASS_NAME} and are ignored", stacklevel=3)
-    unused = {**unexpected, **{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
+    unused = {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
     return options, unused, kept
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import json
 import inspect
+import json
 import operator
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -33,10 +34,11 @@ STATE_FORMAT = "kdpm2.KDPM2DiscreteScheduler.state/1"
 # the diffusers schedulers that share KDPM2's config (diffusers' KarrasDiffusionSchedulers, its KDPM2's
 # ``_compatibles``): ``from_config`` builds each from the other's config
 DIFFUSERS_COMPATIBLES = (
-    "DDIMScheduler DDPMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler HeunDiscreteScheduler "
-    "EulerAncestralDiscreteScheduler DPMSolverMultistepScheduler DPMSolverSinglestepScheduler KDPM2DiscreteScheduler "
-    "KDPM2AncestralDiscreteScheduler DEISMultistepScheduler UniPCMultistepScheduler DPMSolverSDEScheduler EDMEulerScheduler"
-).split()
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+)
 
 
 class KDPM2DiscreteSchedulerOutput(OrderedDict):
@@ -137,9 +139,9 @@ class KDPM2DiscreteScheduler:
     # diffusers' class-level conventions (SchedulerMixin / ConfigMixin), by name: diffusers is not imported
     config_name = _config.CONFIG_NAME
     has_compatibles = True
-    _compatibles = list(DIFFUSERS_COMPATIBLES)
-    _deprecated_kwargs: list = []
-    ignore_for_config = ["backend", "check_finite"]  # runtime choices, not options
+    _compatibles: ClassVar[list[str]] = list(DIFFUSERS_COMPATIBLES)  # lists, as diffusers' are
+    _deprecated_kwargs: ClassVar[list[str]] = []
+    ignore_for_config: ClassVar[list[str]] = ["backend", "check_finite"]  # runtime choices, not options
 
     @_recording_defaults
     def __init__(
@@ -254,14 +256,16 @@ class KDPM2DiscreteScheduler:
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path, subfolder: str | None = None, return_unused_kwargs: bool = False, *, backend=None, **kwargs
-    ) -> KDPM2DiscreteScheduler:
-        """Read ``scheduler_config.json`` from a local directory (as saved by diffusers or :meth:`save_config`)."""
+    ):
+        """Build from a local ``scheduler_config.json`` (as saved by diffusers or :meth:`save_config`), found as
+        :meth:`load_config` finds it; other keywords go to :meth:`from_config`."""
         config, overrides = cls.load_config(pretrained_model_name_or_path, subfolder, return_unused_kwargs=True, **kwargs)
         return cls.from_config(config, return_unused_kwargs, backend=backend, **overrides)
 
     def to_json_string(self) -> str:
         """The config as diffusers writes it: every key, sorted, with ``_class_name`` and ``_diffusers_version``."""
-        return json.dumps(_config.to_json_dict(self.config), indent=2, sort_keys=True) + "\n"
+        config = {**self.config, **self._options()}  # checked first: a patched config with a bad value is not written
+        return json.dumps(_config.to_json_dict(config), indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **_ignored) -> Path:
         """Write a diffusers-format ``scheduler_config.json`` into ``save_directory``; returns its path."""

@@ -263,7 +263,7 @@ def test_config_keys_read_as_attributes_answer_with_a_deprecation_warning_as_in_
         with pytest.warns(FutureWarning, match="clip_sample"):  # a key kept from another scheduler's config
             assert scheduler.clip_sample is False
         with pytest.raises(AttributeError, match="no_such_option"):
-            scheduler.no_such_option
+            _ = scheduler.no_such_option
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the scheduler's own attributes never warn
         assert ours.order == 2 and ours.config.steps_offset == 1 and ours.step_index is None

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffuse
 def output_classes():
     classes = [KDPM2DiscreteSchedulerOutput]
     try:
-        from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput as Theirs
+        from diffusers.schedulers.scheduling_k_dpm_2_discrete import (
+            KDPM2DiscreteSchedulerOutput as Theirs,
+        )
     except ImportError:
         return classes
     return classes + [Theirs]
@@ -69,7 +71,7 @@ def test_fields_are_reassigned_by_key_or_attribute_but_never_removed(output_clas
     assert out.pred_original_sample is a
     removals = [lambda: out.pop("prev_sample"), lambda: out.__delitem__("prev_sample"), lambda: out.setdefault("x", 1), lambda: out.update(x=1)]
     for remove in removals:
-        with pytest.raises(Exception):  # diffusers raises Exception itself, ours a TypeError
+        with pytest.raises(Exception):  # noqa: B017 -- diffusers raises Exception itself, ours a TypeError
             remove()
     assert list(out) == ["prev_sample", "pred_original_sample"]
 

@@ -19,13 +19,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
-import tiny_pipelines as tiny  # noqa: E402
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
-from diffusers import KDPM2DiscreteScheduler as Reference  # noqa: E402
+import tiny_pipelines as tiny
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import KDPM2DiscreteScheduler as Reference
 
-from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
-from kdpm2core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from kdpm2core.config import DEFAULTS  # noqa: E402
+from kdpm2core import KDPM2DiscreteScheduler
+from kdpm2core.checkpoint import load_checkpoint, save_checkpoint
+from kdpm2core.config import DEFAULTS
 
 TARGETS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "KDPM2DiscreteScheduler"]
 SETTINGS = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "leading", "steps_offset": 1}

@@ -22,7 +22,12 @@ import tempfile
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, KDPM2DiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    KDPM2DiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
