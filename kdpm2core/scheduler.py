@@ -263,9 +263,13 @@ class KDPM2DiscreteScheduler:
         return cls.from_config(config, return_unused_kwargs, backend=backend, **overrides)
 
     def to_json_string(self) -> str:
-        """The config as diffusers writes it: every key, sorted, with ``_class_name`` and ``_diffusers_version``."""
-        config = {**self.config, **self._options()}  # checked first: a patched config with a bad value is not written
-        return json.dumps(_config.to_json_dict(config), indent=2, sort_keys=True) + "\n"
+        """The config as diffusers writes it: every key, sorted, with ``_class_name`` and ``_diffusers_version``.
+
+        As in diffusers, those two keys are then recorded in the config too, so that a scheduler loaded from the
+        written file has this scheduler's config (less ``_use_default_values``: a file sets every option)."""
+        written = _config.to_json_dict({**self.config, **self._options()})  # checked first: a bad value is not written
+        self.register_to_config(_class_name=written["_class_name"], _diffusers_version=written["_diffusers_version"])
+        return json.dumps(written, indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **_ignored) -> Path:
         """Write a diffusers-format ``scheduler_config.json`` into ``save_directory``; returns its path."""

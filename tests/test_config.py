@@ -316,6 +316,18 @@ def test_from_pretrained_finds_the_file_where_diffusers_does(tmp_path, where, su
     assert unused == diffusers.KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder, True, extra=1)[1]
 
 
+def test_a_scheduler_loaded_from_its_saved_file_has_its_config(tmp_path):
+    """As diffusers: saving records ``_class_name`` and ``_diffusers_version`` in the config, so the loaded
+    scheduler's config is the saved one's, less ``_use_default_values`` (the file sets every option)."""
+    for cls in (KDPM2DiscreteScheduler, diffusers.KDPM2DiscreteScheduler):
+        saved = cls.from_config({**SETTINGS, "clip_sample": False})
+        saved.save_pretrained(tmp_path / cls.__module__)
+        loaded = cls.from_pretrained(tmp_path / cls.__module__)
+        expected = {key: value for key, value in saved.config.items() if key != "_use_default_values"}
+        assert dict(loaded.config) == expected and "_use_default_values" not in loaded.config
+        assert saved.config["_class_name"] == "KDPM2DiscreteScheduler"
+
+
 def test_save_pretrained_does_not_pretend_to_push(tmp_path):
     with pytest.raises(NotImplementedError, match="push_to_hub"):
         KDPM2DiscreteScheduler().save_pretrained(tmp_path, push_to_hub=True)
