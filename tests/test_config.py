@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import diffusers_kdpm2
+from conftest import comparable_config, diffusers_kdpm2
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.config import DEFAULTS, FrozenConfig
@@ -240,14 +240,6 @@ def test_pipeline_style_internal_dict_patch_is_followed():
 
 
 # ---- diffusers' ConfigMixin / SchedulerMixin conventions ---------------------------------------------------------
-def comparable(config) -> dict:
-    """A config as a plain dict, ``_use_default_values`` sorted (diffusers builds that list from a set)."""
-    out = dict(config)
-    if "_use_default_values" in out:
-        out["_use_default_values"] = sorted(out["_use_default_values"])
-    return out
-
-
 def test_class_level_conventions_are_diffusers():
     for name in ("config_name", "has_compatibles", "_compatibles", "_deprecated_kwargs", "order"):
         assert getattr(KDPM2DiscreteScheduler, name) == getattr(diffusers.KDPM2DiscreteScheduler, name), name
@@ -275,7 +267,7 @@ def test_register_to_config_updates_the_config_as_diffusers_does():
     for scheduler in (ours, theirs):
         scheduler.register_to_config(steps_offset=1, clip_sample=False)  # as diffusers' conversion script does
         scheduler.set_timesteps(10)
-    assert comparable(ours.config) == comparable(theirs.config)
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
     assert ours.config.steps_offset == 1 and ours.config.clip_sample is False
     np.testing.assert_array_equal(np.asarray(ours.timesteps)[0::2], theirs.timesteps.numpy()[0::2])
     fresh = KDPM2DiscreteScheduler(timestep_spacing="leading", steps_offset=1)
@@ -291,7 +283,7 @@ def test_from_config_returns_the_keys_diffusers_returns_as_unused():
     ours, unused = KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
     theirs, their_unused = diffusers.KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
     assert unused == their_unused and unused["another"] == 1 and unused["skip_prk_steps"] is True
-    assert comparable(ours.config) == comparable(theirs.config)
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
 
 
 @pytest.mark.parametrize(
@@ -308,7 +300,7 @@ def test_from_pretrained_finds_the_file_where_diffusers_does(tmp_path, where, su
         warnings.simplefilter("error", UserWarning)  # download options have nothing to do locally, quietly
         ours = KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder=subfolder, **download)
     theirs = diffusers.KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder=subfolder, **download)
-    assert comparable(ours.config) == comparable(theirs.config)
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
     assert settings_of(ours.config) == expected_settings()
     loaded = KDPM2DiscreteScheduler.load_config(tmp_path / where, subfolder=subfolder)
     assert loaded == diffusers.KDPM2DiscreteScheduler.load_config(tmp_path / where, subfolder=subfolder)

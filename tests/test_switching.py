@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import comparable_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 diffusers = pytest.importorskip("diffusers")
@@ -31,17 +32,8 @@ TARGETS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepSchedul
 SETTINGS = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "leading", "steps_offset": 1}
 
 
-def comparable(config) -> dict:
-    """A config as a plain dict, ``_use_default_values`` sorted: diffusers builds that list from a set, so its
-    order changes from run to run."""
-    out = dict(config)
-    if "_use_default_values" in out:
-        out["_use_default_values"] = sorted(out["_use_default_values"])
-    return out
-
-
 def assert_same_config(ours, theirs):
-    assert comparable(ours) == comparable(theirs)
+    assert comparable_config(ours) == comparable_config(theirs)
     assert list(ours) == list(theirs)  # the same keys in the same order, too
 
 
