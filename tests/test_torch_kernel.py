@@ -306,7 +306,7 @@ def test_mixed_dtypes_give_the_promoted_dtype_as_diffusers(prediction_type, dtyp
     output = torch.linspace(1, -1, 4096).reshape(1, 4, 32, 32).to(output_dtype)
     first = ours.step(output, ours.timesteps[0], x)
     second = ours.step(output, ours.timesteps[1], first.prev_sample)  # a midpoint: stored is the float16 sample
-    for result in (*first, *second):
+    for result in (*first.values(), *second.values()):  # the arrays: iterating an output gives its keys
         assert result.dtype == output_dtype
     if prediction_type == "v_prediction":  # diffusers has no "sample" prediction
         reference = diffusers_kdpm2(prediction_type=prediction_type)
