@@ -41,8 +41,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdpm2core import config as _config
-from kdpm2core.plugins import get_backend
 from kdpm2core.backend import check_array
+from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
 
 __all__ = [

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core.backend import check_array
 from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
-from kdpm2core.backend import check_array
 from kdpm2core.schedule import TRAINING_OPTIONS, Schedule, build_schedule, schedule_request, training_table
 
 __all__ = ["KDPM2DiscreteScheduler", "KDPM2DiscreteSchedulerOutput"]

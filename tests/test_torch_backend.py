@@ -3,7 +3,6 @@ never alias inputs, and mixed dtypes, sparse tensors and large latents behave as
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import kdpm2core
