@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 STATE_FILE = "kdpm2_checkpoint.json"
-CHECKPOINT_FORMAT = "kdpm2.checkpoint/2"  # /2: the JSON carries the SHA-256 of its own contents
+#: the layouts this version writes and reads (the JSON records each file's SHA-256 and one of its own contents)
+CHECKPOINT_FORMAT = "kdpm2.checkpoint/2"
 FUNCTIONAL_FORMAT = "kdpm2.functional-checkpoint/2"
 #: the largest checkpoint JSON that is written or read (its size grows with the number of steps)
 MAX_MANIFEST_BYTES = 16 << 20
