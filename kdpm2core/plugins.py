@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from kdpm2core import hookspecs
-from kdpm2core.backend import missing_members
+from kdpm2core.backend import Backend, missing_members
 from kdpm2core.hookspecs import hookimpl
 
 __all__ = ["available_backends", "get_backend", "backend_report", "hookimpl", "BackendError", "PluginWarning"]
@@ -223,7 +223,7 @@ def get_backend(name: str | None = None):
     """The backend object called ``name`` (``None``: ``$KDPM2_BACKEND``, else ``"numpy"``), built once."""
     if name is None:
         name = os.environ.get("KDPM2_BACKEND") or "numpy"
-    if not isinstance(name, str) and hasattr(name, "xp") and hasattr(name, "name"):
+    if isinstance(name, Backend):
         return name  # already a backend object
     if not isinstance(name, str):
         raise TypeError(f"backend must be a backend name (str), got {type(name).__name__}")
