@@ -95,12 +95,16 @@ def check_array(backend: Backend, name: str, x: Any) -> None:
 def exactly(coef: Any, value: int) -> bool:
     """Whether ``coef`` is a Python number equal to ``value``. A 0-d array never is: its value stays on the
     device (reading it would sync, or fail under a trace)."""
-    return isinstance(coef, (int, float)) and coef == value
+    return isinstance(coef, _NUMBERS) and coef == value
 
 
 def live_terms(terms: Sequence[tuple[Any, Array | None]]) -> list[tuple[Any, Array]]:
     """``terms`` without those whose coefficient is exactly 0 (see :meth:`ArrayAPIBackend.lincomb`)."""
-    return [(coef, x) for coef, x in terms if not exactly(coef, 0)]
+    # exactly(coef, 0), inlined: this runs twice per substep
+    return [term for term in terms if not (isinstance(term[0], _NUMBERS) and term[0] == 0)]
+
+
+_NUMBERS = (int, float)
 
 
 def _into(out: Array | None, value: Array) -> Array:
@@ -221,9 +225,12 @@ class ArrayAPIBackend:
             out[...] = 0
             return out
         (coef, x), rest = live[0], live[1:]
-        if any(y.dtype != x.dtype for _, y in rest):  # accumulate in the promoted dtype from the start
+        leading_one = bool(rest) and exactly(coef, 1)
+        if out is None and len(rest) > leading_one and any(y.dtype != x.dtype for _, y in rest):
+            # more than one operation, the later ones in place: start in the dtype the terms promote to, so
+            # that every product rounds there (a float16 sample's are exact in float32)
             x = self.xp.astype(x, self.xp.result_type(*(y for _, y in live)))
-        if rest and exactly(coef, 1):
+        if leading_one:
             (coef, y), rest = rest[0], rest[1:]
             acc = self.multiply_add(x, coef, y, out=out)
         else:

@@ -65,8 +65,10 @@ class TorchBackend(ArrayAPIBackend):
         given device and CPU capability they round alike (both fuse the multiply-add, or neither does), so
         the stateful and functional paths agree bit for bit (tests/test_torch_backend.py checks it). ``out is acc``
         updates in place, which autograd records (it refuses ``out=``)."""
-        tensor = isinstance(coef, torch.Tensor)
-        if out is acc:
-            return acc.addcmul_(x, coef) if tensor else acc.add_(x, alpha=coef)
-        extra = {} if out is None else {"out": out}
-        return torch.addcmul(acc, x, coef, **extra) if tensor else torch.add(acc, x, alpha=coef, **extra)
+        if isinstance(coef, torch.Tensor):
+            if out is None:
+                return torch.addcmul(acc, x, coef)
+            return acc.addcmul_(x, coef) if out is acc else torch.addcmul(acc, x, coef, out=out)
+        if out is None:
+            return torch.add(acc, x, alpha=coef)
+        return acc.add_(x, alpha=coef) if out is acc else torch.add(acc, x, alpha=coef, out=out)
