@@ -196,11 +196,12 @@ class ArrayAPIBackend:
     # -- the substep ------------------------------------------------------------------------------------------
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
         """Both combinations of a substep (see :class:`Backend`), each by :meth:`lincomb`."""
-        if out is None or not self.inplace:  # immutable arrays (JAX, Dask) cannot be written into
-            out = (None, None)
-        prev = self.lincomb(((a, stored), (b, sample), (c, model_output)), out=out[0])
-        pred = self.lincomb(((p, sample), (q, model_output)), out=out[1])
-        return prev, pred
+        # immutable arrays (JAX, Dask) cannot be written into: ``out`` then goes unused
+        prev_out, pred_out = (None, None) if out is None or not self.inplace else out
+        return (
+            self.lincomb(((a, stored), (b, sample), (c, model_output)), prev_out),
+            self.lincomb(((p, sample), (q, model_output)), pred_out),
+        )
 
     def lincomb(self, terms: Sequence[tuple[Any, Array | None]], out: Array | None = None) -> Array:
         """``sum(coef * x for coef, x in terms)``: the one definition of a substep's linear combination.
@@ -224,19 +225,20 @@ class ArrayAPIBackend:
                 return self.xp.zeros_like(like)
             out[...] = 0
             return out
-        (coef, x), rest = live[0], live[1:]
-        leading_one = bool(rest) and exactly(coef, 1)
-        if out is None and len(rest) > leading_one and any(y.dtype != x.dtype for _, y in rest):
-            # more than one operation, the later ones in place: start in the dtype the terms promote to, so
-            # that every product rounds there (a float16 sample's are exact in float32)
+        coef, x = live[0]
+        n = len(live)
+        done = 2 if n > 1 and exactly(coef, 1) else 1  # terms the first operation takes
+        if n > done and out is None and any(y.dtype != x.dtype for _, y in live):
+            # later operations accumulate in place: start in the dtype the terms promote to, so that every
+            # product rounds there (a float16 sample's values are exact in float32)
             x = self.xp.astype(x, self.xp.result_type(*(y for _, y in live)))
-        if leading_one:
-            (coef, y), rest = rest[0], rest[1:]
-            acc = self.multiply_add(x, coef, y, out=out)
+        if done == 2:  # a leading 1: the first multiply-add starts from x itself
+            acc = self.multiply_add(x, live[1][0], live[1][1], out=out)
         else:
             acc = self.multiply(x, coef, out=out)
-        for coef, y in rest:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can
-            acc = self.multiply_add(acc, coef, y, out=acc if self.inplace else None)
+        if n > done:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can
+            for coef, y in live[done:]:
+                acc = self.multiply_add(acc, coef, y, out=acc if self.inplace else None)
         return acc
 
     def multiply(self, x: Array, coef: Any, out: Array | None = None) -> Array:
