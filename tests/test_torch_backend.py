@@ -8,35 +8,9 @@ import pytest
 import kdpm2core
 
 torch = pytest.importorskip("torch")
-from conftest import diffusers_kdpm2, initial_noise, relative_error  # noqa: E402
+from test_lincomb import ROWS
 
-# (a, b, c, p, q): Euler and midpoint rows of each prediction type, and every zero/one pattern the rule treats
-# apart (dropped zero terms, a skipped leading multiply, a coefficient 1 after it, no terms at all)
-ROWS = [
-    (0.0, 1.0, -0.3, 1.0, -2.5),  # epsilon, Euler
-    (1.0, 0.0, -0.3, 1.0, -0.7),  # epsilon, midpoint
-    (0.0, 0.97, -0.31, 0.4, -0.6),  # v_prediction, Euler
-    (1.0, 0.21, -0.33, 0.4, -0.6),  # v_prediction, midpoint: three terms after a leading 1
-    (0.5, 0.21, -0.33, 0.4, -0.6),  # three terms, no leading 1
-    (0.0, 0.3, 0.7, 0.0, 1.0),  # sample prediction, Euler: pred is model_output * 1
-    (1.0, 0.3, 0.7, 0.0, 1.0),  # sample prediction, midpoint
-    (0.0, 0.0, 1.0, 0.0, 1.0),  # sample prediction, the last substep: both outputs are model_output * 1
-    (1.0, 0.21, 0.0, 0.0, 0.0),  # a zero last term; no pred terms at all (zeros)
-    (0.0, 0.0, 0.0, 2.0, 0.0),  # no prev terms
-    (1.0, 1.0, 1.0, 1.0, 1.0),  # leading 1 with ones after it
-]
-
-
-def test_rows_cover_what_schedulers_produce():
-    """ROWS above include every zero/one pattern the shipped schedules produce."""
-    seen = set()
-    for prediction_type in ("epsilon", "v_prediction", "sample"):
-        s = kdpm2core.KDPM2DiscreteScheduler(prediction_type=prediction_type)
-        s.set_timesteps(10)
-        for row in s.schedule.table.tolist():
-            seen.add(tuple((v == 0.0, v == 1.0) for v in row[:5]))
-    listed = {tuple((v == 0.0, v == 1.0) for v in row) for row in ROWS}
-    assert seen <= listed, seen - listed
+from conftest import diffusers_kdpm2, initial_noise, relative_error
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
