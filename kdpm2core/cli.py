@@ -155,6 +155,23 @@ def scheduler_options(command):
         click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0",
                      help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
     ]
+    return _with_options(command, options)
+
+
+def run_options(*, samples: int, device_help: str):
+    """The options of a sampling run, shared by sample and compare: device, dtype, seed and point count."""
+    options = [
+        click.option("--device", default=None, help=device_help),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the starting noise (drawn with NumPy)."),
+        click.option("--samples", "num_samples", type=click.IntRange(min=1), default=samples, show_default=True,
+                     help="Points per toy."),
+    ]
+    return lambda command: _with_options(command, options)
+
+
+def _with_options(command, options):
     for option in reversed(options):
         command = option(command)
     return command
@@ -358,12 +375,7 @@ def backends(as_json):
 @cli.command(short_help="Sample toy models with an exact denoiser.")
 @click.option("--backend", "backend_name", default="numpy", show_default=True,
               help="Registered backend name (see 'kdpm2 backends').")
-@click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Points per toy.")
+@run_options(samples=2000, device_help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
 @click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True,
               help="Which toy model.")
 @scheduler_options
@@ -410,12 +422,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
 
 @cli.command(short_help="The same sampling on every backend, side by side.")
 @click.option("--backends", "names", default=None, metavar="A,B,...", help="Backends to compare [every available one].")
-@click.option("--device", default=None, help="Device for every backend [backend default].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Points per toy.")
+@run_options(samples=500, device_help="Device for every backend [backend default].")
 @scheduler_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def compare(names, device, dtype, seed, num_samples, as_json, **opts):

@@ -31,16 +31,19 @@ Design notes:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core.backend import check_array
 from kdpm2core.plugins import get_backend
-from kdpm2core.schedule import Schedule, build_schedule, sigma_to_t, substep_table, training_table
+from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
 
 __all__ = [
     "Plan",
@@ -75,6 +78,7 @@ class PlanInfo:
         self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
         self._key = (backend.name, str(dtype), str(self.index_dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+        _static_under_jax(sys.modules.get("jax"))
 
     def __eq__(self, other):
         return type(other) is PlanInfo and (self is other or (self.backend is other.backend and self._key == other._key))
@@ -89,6 +93,14 @@ class PlanInfo:
 
     def __repr__(self) -> str:
         return f"PlanInfo(backend={self.backend.name!r}, dtype={self.dtype}, prediction_type={self.prediction_type!r})"
+
+
+@functools.cache
+def _static_under_jax(jax) -> None:
+    """Register :class:`PlanInfo` with JAX as a static pytree node (no leaves), so that a plan can be an
+    argument of ``jax.jit`` or ``vmap``; once, and only when jax is imported (this module never imports it)."""
+    if jax is not None:
+        jax.tree_util.register_static(PlanInfo)
 
 
 class Plan(NamedTuple):
@@ -146,11 +158,11 @@ def make_plan(
         An immutable :class:`Plan`.
     """
     if source is not None:
-        if not hasattr(source, "_host") or not hasattr(source, "config"):
+        if not hasattr(source, "schedule") or not hasattr(source, "config"):
             raise TypeError(f"source must be a KDPM2DiscreteScheduler or None, got {type(source).__name__}")
         if options or num_inference_steps is not None or sigmas is not None:
             raise ValueError("pass either a scheduler as source, or num_inference_steps/sigmas/options, not both")
-        base, validated = source._host, _config.validate_config(source.config)
+        base, validated = source.schedule, _config.validate_config(source.config)
         backend = source.backend if backend is None else get_backend(backend)
         if device is None:
             device = backend.device_of(source.timesteps)
@@ -158,10 +170,7 @@ def make_plan(
         unknown = sorted(set(options) - set(_config.DEFAULTS))
         if unknown:
             raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
-        if (num_inference_steps is None) == (sigmas is None):
-            raise ValueError("pass exactly one of num_inference_steps and sigmas")
-        if num_inference_steps is not None:
-            num_inference_steps = _config.positive_int("num_inference_steps", num_inference_steps)
+        num_inference_steps = schedule_request(num_inference_steps, sigmas)
         validated = _config.validate_config(options)
         base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
         backend = get_backend(backend)
@@ -210,9 +219,7 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
         sigma_hat = step_sigmas * (1.0 + gammas)
         sigma_in, midpoint, table, step_of_row = substep_table(sigma_hat, sigma_next, prediction_type)
         raised = gammas[step_of_row] > 0
-        log_sigmas = training_table(
-            *(info.options[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"))
-        ).log_sigmas
+        log_sigmas = training_table_for(info.options).log_sigmas
         # unchurned steps keep the scheduler's timesteps; raised sigmas get the timestep of their own sigma
         timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
         added = churn[3] * np.sqrt(np.maximum(sigma_hat**2 - step_sigmas**2, 0.0))
@@ -344,8 +351,7 @@ def _check_like(plan: Plan, sample: Array, **arrays) -> None:
     it at the next substep), and shapes never broadcast silently."""
     backend = plan.info.backend
     for name, x in {"sample": sample, **arrays}.items():
-        if not backend.owns(x):
-            raise TypeError(f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+        check_array(backend, name, x)
         if x.shape != sample.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but sample has shape {tuple(sample.shape)}")
         if x.dtype != sample.dtype:

@@ -240,7 +240,9 @@ def test_numpy_step_allocates_only_its_outputs():
     plan = F.make_plan(scheduler)
     x, output = initial_noise(SHAPE, 1), initial_noise(SHAPE, 2)
     nbytes = x.nbytes
-    scratch = kdpm2core.backend.CHUNK * 4
+    from kdpm2_numpy.backend import CHUNK
+
+    scratch = CHUNK * 4  # one float32 chunk of scratch at a time
     buffers = (np.empty_like(x), np.empty_like(x))
     state = F.init(plan, x)
     for label, call, budget in (
@@ -298,60 +300,12 @@ def test_torch_step_allocates_only_its_outputs():
 
 
 @pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
-def test_torch_buffer_pool_never_hands_out_an_array_in_use():
-    import torch
-
-    backend = kdpm2core.get_backend("torch")
-    backend.release_buffers()
-    shape = (4, 4, 128, 128)  # 1 MiB of float32: the smallest size the pool serves
-    x, output = torch.from_numpy(initial_noise(shape, 1)), torch.from_numpy(initial_noise(shape, 2))
-    kept, views = [], []
-    for k in range(12):  # more outputs alive than the pool holds: the rest are plain allocations
-        prev, pred = backend.update(0.0, 1.0, -0.1 * (k + 1), 1.0, 0.5, None, x, output)
-        kept.append((prev.clone(), prev))
-        views.append((pred[1].clone(), pred[1]))  # only a view of ``pred`` survives
-        del pred
-    for expected, alive in kept + views:
-        assert torch.equal(expected, alive), "a live output was overwritten by a later step"
-    pointers = {alive.untyped_storage().data_ptr() for _, alive in kept + views}
-    assert len(pointers) == 24  # every live output and view has storage of its own
-    kept.clear(), views.clear()
-    # nothing references the pooled buffers any more: the next outputs reuse them
-    prev, pred = backend.update(0.0, 1.0, -0.5, 1.0, 0.5, None, x, output)
-    pooled = {buffer.untyped_storage().data_ptr() for buffer in backend._pool[(tuple(x.shape), x.dtype)]}
-    assert {prev.untyped_storage().data_ptr(), pred.untyped_storage().data_ptr()} <= pooled
-    assert torch.equal(prev, torch.add(x, output, alpha=-0.5))
-
-
-@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
-@pytest.mark.parametrize("row", [(0.0, 1.0, -0.3, 1.0, -2.5), (1.0, 0.0, -0.3, 1.0, -0.7), (1.0, 0.21, -0.33, 0.4, -0.6)])
-@pytest.mark.parametrize("size", [1000, 300_000])  # allocated directly, and from the buffer pool
-def test_torch_float_and_tensor_coefficients_give_the_same_bits(row, size):
-    import torch
-
-    backend = kdpm2core.get_backend("torch")
-    stored, x, output = (torch.from_numpy(initial_noise((size,), seed)) for seed in (1, 2, 3))
-    a, b, c, p, q = row
-    prev, pred = backend.update(a, b, c, p, q, stored, x, output)
-    # 0-d tensor coefficients (the functional API) take the same fused kernels in the same order
-    prev_t, pred_t = backend.update(*(torch.tensor(v, dtype=torch.float32) for v in row), stored, x, output)
-    assert torch.equal(prev_t, prev) and torch.equal(pred_t, pred)
-    from kdpm2_torch.backend import _combine
-
-    assert torch.equal(prev, _combine(None, ((a, stored), (b, x), (c, output))))  # whole-array kernels
-    assert torch.equal(pred, _combine(None, ((p, x), (q, output))))
-    expected = a * stored.double() + b * x.double() + c * output.double()
-    np.testing.assert_allclose(prev.numpy(), expected.numpy(), rtol=2e-6, atol=2e-6)
-    np.testing.assert_allclose(pred.numpy(), (p * x.double() + q * output.double()).numpy(), rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
 def test_torch_step_stays_differentiable():
     import torch
 
     scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
     scheduler.set_timesteps(3)
-    x = torch.from_numpy(initial_noise((4, 4, 128, 128))).requires_grad_()  # large: the pooled path's size
+    x = torch.from_numpy(initial_noise((4, 4, 128, 128))).requires_grad_()
     output = torch.tanh(x)
     prev, pred = scheduler.step(output, scheduler.timesteps[0], x, return_dict=False)
     (prev.sum() + pred.sum()).backward()
@@ -440,7 +394,8 @@ def test_mixed_dtypes_follow_numpys_promotion(backend_name):
 
 def test_sample_from_a_later_substep_is_img2img(backend_name):
     """``sample(..., start=k)`` runs substeps k.. on latents noised to substep k: the stateful scheduler's
-    img2img loop (set_begin_index(k), add_noise, step) bit for bit."""
+    img2img loop (set_begin_index(k), add_noise, step) bit for bit, or within the rounding a compiled loop may
+    save."""
     backend = kdpm2core.get_backend(backend_name)
     scheduler = kdpm2core.KDPM2DiscreteScheduler(use_karras_sigmas=True, backend=backend_name)
     scheduler.set_timesteps(10)
@@ -456,8 +411,18 @@ def test_sample_from_a_later_substep_is_img2img(backend_name):
     expected = x
     for t in scheduler.timesteps[6:]:
         expected = scheduler.step(model(scheduler.scale_model_input(expected, t), t), t, expected).prev_sample
-    got = F.sample(plan, model, x, start=6)
-    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(expected))
+    eager, state = x, F.init(plan, x, 6)  # the functional steps, run one by one: the same ops, the same bits
+    for _ in range(6, F.num_substeps(plan)):
+        (eager, _), state = F.step(plan, state, model(*F.model_inputs(plan, state, eager)), eager)
+    np.testing.assert_array_equal(backend.to_numpy(eager), backend.to_numpy(expected))
+    got, expected = backend.to_numpy(F.sample(plan, model, x, start=6)), backend.to_numpy(expected)
+    if backend.jit:
+        # a compiled loop (XLA) may fuse a multiply-add, rounding once where the eager ops round twice: at most
+        # half an ulp of a term per substep, 13 substeps of values below 2, through updates that do not grow
+        # them (|b| <= 1, the model halves): 13 * 2**-23 * 2 < 4e-6
+        np.testing.assert_allclose(got, expected, rtol=0, atol=4e-6)
+    else:
+        np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="start 5 is a midpoint substep.*Euler substep \\(4\\)"):
         F.sample(plan, model, x, start=5)
     with pytest.raises(ValueError, match=r"start must be in \[0, 18\], got 19"):
