@@ -236,9 +236,11 @@ class ArrayAPIBackend:
             acc = self.multiply_add(x, live[1][0], live[1][1], out=out)
         else:
             acc = self.multiply(x, coef, out=out)
-        if n > done:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can
+        if n > done:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can; a 0-d
+            # result may be an immutable scalar (NumPy's arithmetic returns those), so it gets a new array
+            writable = self.inplace and (out is not None or len(acc.shape) > 0)
             for coef, y in live[done:]:
-                acc = self.multiply_add(acc, coef, y, out=acc if self.inplace else None)
+                acc = self.multiply_add(acc, coef, y, out=acc if writable else None)
         return acc
 
     def multiply(self, x: Array, coef: Any, out: Array | None = None) -> Array:

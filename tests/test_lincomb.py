@@ -81,3 +81,17 @@ def test_numpy_chunks_give_the_whole_array_rule(n, dtype):
         for k in range(2):
             assert fresh[k].dtype == dtype and np.array_equal(fresh[k], expected[k]), (row, k)
             assert np.array_equal(into[k], expected[k]), (row, k)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (3, 2)])
+def test_generic_rule_on_numpy_arrays_of_any_rank(shape):
+    """The generic rule accumulates in place into its own first result; NumPy's arithmetic on 0-d arrays
+    returns immutable scalars, so a 0-d substep must still combine (it used to fail with "does not support
+    item assignment"). Compared with NumPy evaluating the same terms in the same order."""
+    generic = ArrayAPIBackend("generic-numpy", array_api_compat.numpy)
+    stored, sample, model_output = (np.asarray(initial_noise(shape, seed), dtype=np.float32) for seed in (7, 8, 9))
+    a, b, c, p, q = ROWS[4]  # three terms, no shortcut: two in-place accumulations
+    prev, pred = generic.update(a, b, c, p, q, stored, sample, model_output)
+    assert np.array_equal(prev, (stored * a + sample * b) + model_output * c)
+    assert np.array_equal(pred, sample * p + model_output * q)
+    assert prev.shape == shape and pred.shape == shape
