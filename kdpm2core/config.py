@@ -162,6 +162,13 @@ def validate_config(values: Mapping) -> dict:
     for key in CHOICES:
         out[key] = _choice(key, out[key])
     out["trained_betas"] = _betas("trained_betas", out["trained_betas"])
+    if out["trained_betas"] is not None and len(out["trained_betas"]) != out["num_train_timesteps"]:
+        # the timesteps run over num_train_timesteps while the sigmas come from one beta per training step:
+        # with other lengths the two disagree and the schedule is meaningless (it can repeat its first timestep)
+        raise ValueError(
+            f"trained_betas must have one value per training timestep: got {len(out['trained_betas'])} values "
+            f"but num_train_timesteps={out['num_train_timesteps']}"
+        )
     if out["trained_betas"] is None:
         for key in ("beta_start", "beta_end"):
             if not 0 < out[key] < 1:

@@ -78,6 +78,16 @@ def test_trained_betas_outside_the_open_unit_interval(bad):
     raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=[]), kinds=ValueError)
 
 
+@pytest.mark.parametrize("length", [2, 999, 1001])
+def test_trained_betas_must_match_num_train_timesteps(length):
+    """One beta per training timestep: with another length the timesteps and sigmas disagree (with
+    num_train_timesteps=1 and two betas the schedule repeats its first timestep and diffusers returns NaN)."""
+    betas = np.linspace(1e-4, 0.02, length)
+    raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=betas), kinds=ValueError)
+    raises_naming("num_train_timesteps", lambda: KDPM2DiscreteScheduler(trained_betas=betas), kinds=ValueError)
+    assert KDPM2DiscreteScheduler(num_train_timesteps=length, trained_betas=betas).config.num_train_timesteps == length
+
+
 def test_betas_that_break_the_noise_table():
     """Each beta inside (0, 1), but the table they give is unusable: a first beta that float32 rounds away
     (sigma 0, log(0)), and a cumulative product that underflows (sigma inf). Both name the parameters."""
