@@ -289,6 +289,12 @@ class KDPM2DiscreteScheduler:
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
+        if self._owns(timestep) and self._compiling():  # traced: its value is known on the device only
+            raise RuntimeError(
+                "under torch.compile(fullgraph=True) the scheduler cannot find the first timestep in the schedule "
+                "without a host sync: call scheduler.set_begin_index(0) (or the substep to start at) before the "
+                "loop, as diffusers pipelines do; see 'torch.compile the stateful loop' in docs/torch.md"
+            )
         # the usual first timestep (scheduler.timesteps[0], or its value as a number) costs one comparison:
         # converting it to search the schedule costs about 27 us on the caches that set_timesteps left cold
         if type(timestep) in (int, float) or (self._owns(timestep) and getattr(timestep, "ndim", None) == 0):
