@@ -70,6 +70,23 @@ def sigma_to_t_bound(t, log_sigma_error, our_log_sigmas, ref_log_sigmas, float32
         return (np.asarray(log_sigma_error) + table) / width + rounding
 
 
+def midpoint_timestep_bound(t, our_steps, ref_steps, our_log_sigmas, ref_log_sigmas) -> np.ndarray:
+    """Bound on ``|t_ours - t_ref|`` for the midpoint timesteps ``t`` (ours) between consecutive step sigmas.
+
+    diffusers takes the float32 geometric mean of its step sigmas (:func:`geometric_mean_error`), NumPy's float32
+    log of that, and maps it to t in float32; we take the float64 geometric mean of our step sigmas and map it in
+    float64. So the log-sigma error is the geometric mean's, NumPy's log, and half the relative differences of
+    the two step sigmas; :func:`sigma_to_t_bound` turns it into timesteps."""
+    ours, ref = np.asarray(our_steps, dtype=np.float64), np.asarray(ref_steps, dtype=np.float64)
+    relative = np.abs(ours - ref) / ref
+    log_error = (
+        geometric_mean_error(ref[:-1], ref[1:])
+        + NUMPY_LOG_ULPS * ulp32(np.log(np.sqrt(ref[:-1] * ref[1:])))
+        + (relative[:-1] + relative[1:]) / 2
+    )
+    return sigma_to_t_bound(t, log_error, our_log_sigmas, ref_log_sigmas, float32_map=True)
+
+
 def assert_within(got, expected, tolerance, context: str = "") -> None:
     """``|got - expected| <= tolerance`` elementwise, reporting the worst entries."""
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)

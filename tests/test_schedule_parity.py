@@ -20,10 +20,9 @@ per entry from the data both sides start from, never from what one machine's ker
   sigma difference and the table difference divided by the local log-sigma width, plus roundings); Karras
   rounds that value to an integer, so it is bit-identical unless the unrounded t lies within that bound of a
   half-integer, where it may differ by 1.
-- Midpoint ``timesteps``: diffusers computes the geometric mean in float32 (torch log, lerp, exp:
-  :func:`geometric_mean_error`), takes NumPy's float32 log of it (4 ulps), and maps it to t in float32; we do
-  all of it in float64 and round once. :func:`sigma_to_t_bound` turns the log-sigma error into a timestep
-  error (divided by the local log-sigma width: the bound is a fraction of an ulp of t where sigma changes fast
+- Midpoint ``timesteps``: diffusers computes the geometric mean in float32 (torch log, lerp, exp), takes
+  NumPy's float32 log of it (4 ulps), and maps it to t in float32; we do all of it in float64 and round once.
+  :func:`midpoint_timestep_bound` adds those up and turns the log-sigma error into a timestep error (divided by the local log-sigma width: the bound is a fraction of an ulp of t where sigma changes fast
   with t and several ulps at the noisy end). ``test_midpoint_timesteps_are_diffusers_map_evaluated_exactly``
   proves that the map itself is the same: diffusers' own ``_sigma_to_t``, fed our float64 inputs, returns our
   timesteps bit for bit (float64 NumPy on both sides).
@@ -49,7 +48,7 @@ pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 from diffusers import KDPM2DiscreteScheduler as Reference  # noqa: E402
 
-from float32_bounds import NUMPY_LOG_ULPS, U, assert_within, geometric_mean_error, sigma_to_t_bound, ulp32, whole_steps  # noqa: E402
+from float32_bounds import U, assert_within, midpoint_timestep_bound, sigma_to_t_bound, ulp32, whole_steps  # noqa: E402
 
 from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
 from kdpm2core.schedule import _spaced_timesteps, sigma_to_t  # noqa: E402
@@ -151,19 +150,12 @@ def assert_schedule_matches(ours: KDPM2DiscreteScheduler, ref: Reference, ref_ti
     else:
         np.testing.assert_array_equal(got_steps, expected_steps, err_msg=f"{context}: step timesteps")
 
-    # midpoints: diffusers' float32 geometric mean of its step sigmas, NumPy's float32 log of it, its float32 map
-    ours_sigma, ref_sigma = got_s[0 : 2 * n - 1 : 2].astype(np.float64), expected_s[0 : 2 * n - 1 : 2].astype(np.float64)
-    relative = np.abs(ours_sigma - ref_sigma) / ref_sigma
-    mean = np.sqrt(ref_sigma[:-1] * ref_sigma[1:])
-    log_error = (
-        geometric_mean_error(ref_sigma[:-1], ref_sigma[1:])
-        + NUMPY_LOG_ULPS * ulp32(np.log(mean))
-        + (relative[:-1] + relative[1:]) / 2
-    )
-    bound = sigma_to_t_bound(got_t[1::2], log_error, our_log, ref_log, float32_map=True)
+    ours_sigma, ref_sigma = got_s[0 : 2 * n - 1 : 2], expected_s[0 : 2 * n - 1 : 2]
+    bound = midpoint_timestep_bound(got_t[1::2], ours_sigma, ref_sigma, our_log, ref_log)
     assert_within(got_t[1::2], expected_t[1::2], bound, f"{context}: midpoint timesteps")
 
-    rtol = 2 * EPS32 + relative[0]  # diffusers' three float32 roundings, and the largest sigma's own difference
+    # diffusers' three float32 roundings, and the largest sigma's own difference
+    rtol = 2 * EPS32 + abs(float(ours_sigma[0]) - float(ref_sigma[0])) / float(ref_sigma[0])
     np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=rtol, err_msg=context)
 
 

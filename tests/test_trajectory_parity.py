@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, scheduler_options, synthetic_model
+from float32_bounds import U, assert_within, midpoint_timestep_bound, sigma_to_t_bound
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
@@ -432,8 +433,15 @@ def test_custom_sigmas_reproduce_diffusers_sigma_family(family, backend_name):
     ours.set_timesteps(sigmas=step_sigmas)
     b = ours.backend
     assert ours.num_inference_steps == 20 and len(ours.timesteps) == len(ref.timesteps) == 39
-    np.testing.assert_array_equal(b.to_numpy(ours.sigmas), ref.sigmas.numpy())
-    np.testing.assert_allclose(b.to_numpy(ours.timesteps), ref.timesteps.numpy(), rtol=0, atol=2 * np.spacing(np.float32(1000)))
+    sigmas, timesteps, expected_t = b.to_numpy(ours.sigmas), b.to_numpy(ours.timesteps), ref.timesteps.numpy()
+    np.testing.assert_array_equal(sigmas, ref.sigmas.numpy())  # the float32 values we were given
+    # step timesteps: the same float64 map through the training log-sigma table, of diffusers' float64 sigma on
+    # its side and of that sigma rounded to float32 (U more in log sigma) on ours; midpoints: see float32_bounds
+    our_log, ref_log = ours._training_table().log_sigmas, ref.log_sigmas.numpy()
+    steps = sigma_to_t_bound(timesteps[0::2], U, our_log, ref_log, float32_map=False)
+    assert_within(timesteps[0::2], expected_t[0::2], steps, "step timesteps")
+    midpoints = midpoint_timestep_bound(timesteps[1::2], sigmas[0:-2:2], ref.sigmas.numpy()[0:-2:2], our_log, ref_log)
+    assert_within(timesteps[1::2], expected_t[1::2], midpoints, "midpoint timesteps")
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-7)
     x_ref = torch.from_numpy(initial_noise(SHAPE)) * ref.init_noise_sigma
     x_ours = b.asarray(initial_noise(SHAPE)) * ours.init_noise_sigma
