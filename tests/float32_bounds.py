@@ -30,10 +30,15 @@ def ulp32(x) -> np.ndarray:
     return np.spacing(np.abs(np.asarray(x, dtype=np.float32))).astype(np.float64)
 
 
-def whole_steps(bound, a, b) -> np.ndarray:
-    """``bound`` (a real-valued bound on ``|a - b|`` for float32 arrays a, b) rounded down to whole grid steps."""
+def whole_steps(bound, a, b, *, nearest: bool = False) -> np.ndarray:
+    """A bound on ``|a - b|`` for float32 arrays a, b, in whole grid steps.
+
+    ``bound`` bounds ``|a - b|`` itself: rounded down to whole steps. With ``nearest``, ``bound`` bounds the
+    distance of the two exact values that a and b are the nearest float32 numbers to: rounding to nearest is
+    monotone, so a and b are at most ``ceil(bound / step)`` steps apart (0 for equal exact values)."""
     step = ulp32(np.minimum(np.abs(np.asarray(a, dtype=np.float64)), np.abs(np.asarray(b, dtype=np.float64))))
-    return np.floor(np.asarray(bound, dtype=np.float64) / step * (1 + 1e-9)) * step
+    steps = np.asarray(bound, dtype=np.float64) / step
+    return (np.ceil(steps) if nearest else np.floor(steps * (1 + 1e-9))) * step
 
 
 def geometric_mean_error(sigma_a, sigma_b) -> np.ndarray:
