@@ -191,7 +191,8 @@ def _torch_rounds_once() -> bool:
     once, ``2**(1-h)`` rounded twice; 67 elements cover a vector body and a tail."""
     for dtype, h in ((torch.float32, 12), (torch.float64, 27)):
         k = 1.0 + 2.0**-h
-        got = torch.add(torch.full((67,), -1.0, dtype=dtype), torch.full((67,), k, dtype=dtype), alpha=k)
+        minus_ones, ks = (torch.full((67,), value, dtype=dtype, device="cpu") for value in (-1.0, k))  # any default device
+        got = torch.add(minus_ones, ks, alpha=k)
         if not bool((got == 2.0 ** (1 - h) + 2.0 ** (-2 * h)).all()):
             return False
     return True
