@@ -23,9 +23,7 @@ from conftest import diffusers_kdpm2, initial_noise, relative_error
 from kdpm2_torch import backend as torch_backend
 
 kernel = torch_backend._kernel
-needs_kernel = pytest.mark.skipif(
-    kernel is None, reason="the C kernel is not in use here (not built, or torch's CPU kernels do not fuse multiply-adds)"
-)
+needs_kernel = pytest.mark.skipif(kernel is None, reason="the C kernel is not built here (no C compiler at install)")
 
 # (a, b, c, p, q): Euler and midpoint rows of each prediction type, and every zero/one pattern the C side
 # must treat as backend._combine does (dropped zero terms, a skipped leading multiply, no terms at all)
@@ -176,29 +174,7 @@ def _have_compiler():
 @pytest.mark.skipif(not _have_compiler(), reason="no C compiler here: the kernel is optional")
 def test_kernel_was_built_where_a_compiler_exists():
     """A silent build failure would only show as a slower step: where a compiler exists, insist on it."""
-    import importlib.util
-
-    assert importlib.util.find_spec("kdpm2_torch._fused") is not None, "kdpm2_torch._fused was not built"
-
-
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_the_kernel_runs_only_where_torch_rounds_the_same(capability):
-    """torch's scalar CPU path (``ATEN_CPU_CAPABILITY=default``) rounds ``x + k * y`` twice, its vectorised ones
-    once, as the kernel does: the backend takes the kernel only where the bits agree, so a large update gives
-    torch's bits on every path."""
-    code = (
-        "import torch; from kdpm2_torch import backend; from conftest import initial_noise\n"
-        "x, y, z = (torch.from_numpy(initial_noise((300_000,), seed)) for seed in (1, 2, 3))\n"
-        "row = (1.0, 0.21, -0.33, 0.4, -0.6)\n"
-        "prev, pred = backend.TorchBackend().update(*row, x, y, z)\n"
-        "same = torch.equal(prev, backend._combine(None, ((1.0, x), (0.21, y), (-0.33, z)))) and torch.equal(pred, backend._combine(None, ((0.4, y), (-0.6, z))))\n"
-        "print(torch.backends.cpu.get_cpu_capability(), backend._kernel is not None, backend._torch_rounds_once(), same)"
-    )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(__file__))
-    assert done.returncode == 0, done.stderr[-2000:]
-    used, rounds_once, same = done.stdout.split()[1:]
-    assert same == "True" and (used == "False" or rounds_once == "True"), done.stdout
+    assert kernel is not None or os.environ.get("KDPM2_NO_KERNEL"), "kdpm2_torch._fused was not built"
 
 
 def test_no_kernel_switch_leaves_every_substep_to_torch():

@@ -184,25 +184,10 @@ class TorchBackend(ArrayAPIBackend):
         return prev, pred
 
 
-def _torch_rounds_once() -> bool:
-    """Whether torch's CPU ``add(x, y, alpha=k)`` rounds ``x + k * y`` once, as ``_fused.c`` does: its vectorised
-    paths fuse the multiply-add, its scalar path (``ATEN_CPU_CAPABILITY=default`` on x86) rounds the product
-    first. Probed where the two differ: ``-1 + k * k`` with ``k = 1 + 2**-h`` is ``2**(1-h) + 2**-2h`` rounded
-    once, ``2**(1-h)`` rounded twice; 67 elements cover a vector body and a tail."""
-    for dtype, h in ((torch.float32, 12), (torch.float64, 27)):
-        k = 1.0 + 2.0**-h
-        minus_ones, ks = (torch.full((67,), value, dtype=dtype, device="cpu") for value in (-1.0, k))  # any default device
-        got = torch.add(minus_ones, ks, alpha=k)
-        if not bool((got == 2.0 ** (1 - h) + 2.0 ** (-2 * h)).all()):
-            return False
-    return True
-
-
 def _load_kernel():
-    """The compiled ``_fused.c``, or None where it was not built (no C compiler when kdpm2 was installed),
-    ``KDPM2_NO_KERNEL`` is set, or torch's CPU kernels round differently (:func:`_torch_rounds_once`): torch's
-    kernels then compute every substep."""
-    if os.environ.get("KDPM2_NO_KERNEL") or not _torch_rounds_once():
+    """The compiled ``_fused.c``, or None where it was not built (no C compiler when kdpm2 was installed) or
+    ``KDPM2_NO_KERNEL`` is set: torch's kernels then compute every substep, to the same bits."""
+    if os.environ.get("KDPM2_NO_KERNEL"):
         return None
     try:
         from kdpm2_torch import _fused
