@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one command (under 5 minutes: the parts have limits of 80 + 60 + 70 + 80 s):
 #   1. the conformance suite on torch (every torch device, CUDA included) and on JAX (its GPU, if jax has one)
 #   2. the CUDA tests: sync-free loops under torch.cuda.set_sync_debug_mode("error"), CUDA-graph replay of the
-#      functional step, plus the functional, torch.compile and C-kernel tests on this machine
+#      functional step, plus the functional, torch.compile and torch-backend tests on this machine
 #   3. the benchmarks with the substep rows on CUDA (their targets are set for torch CPU: shown, not judged)
 # Logs and JSON go to $OUT (default benchmarks/results/gpu). Exit status 0 only if every part passed.
 #
@@ -40,7 +40,7 @@ if "$PY" -c "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax
 else
     echo "=== conformance-jax-gpu: skipped, jax has no GPU here" | tee "$OUT/conformance-jax-gpu.log"
 fi
-part cuda-tests 70 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_functional.py tests/test_torch_compile.py tests/test_torch_kernel.py
+part cuda-tests 70 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_functional.py tests/test_torch_compile.py tests/test_torch_backend.py
 part benchmarks-cuda 80 "$PY" -m benchmarks --device cuda --quick --skip cold --output "$OUT/benchmarks-cuda.json"
 
 if [ "${#failed[@]}" -eq 0 ]; then

@@ -1,7 +1,8 @@
 """What a backend is: one small Protocol, and a base class whose defaults use only the Array API.
 
 An adapter subclasses :class:`ArrayAPIBackend`, passes its array-api-compat namespace and overrides only what
-its framework does better (device parsing, random numbers, a fused update kernel, a compiled loop).
+its framework does better (device parsing, random numbers, a fused multiply-add, a compiled loop). The substep's
+linear combination (:meth:`ArrayAPIBackend.lincomb`) is defined here once; adapters supply its primitives.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "ArrayAPIBackend"]
+__all__ = ["Backend", "ArrayAPIBackend", "PROTOCOL_MEMBERS", "missing_members", "check_array", "exactly", "live_terms"]
 
 Array = Any
 
@@ -21,7 +22,7 @@ class Backend(Protocol):
     """The interface the scheduler needs from an array library."""
 
     name: str  #: registered name, e.g. ``"torch"``
-    xp: Any  #: the array-api-compat namespace of the library
+    xp: Any  #: the namespace ``array_api_compat.array_namespace(x)`` returns for the library's arrays
     float64: bool  #: whether float64 arrays are supported (JAX: only with ``jax_enable_x64``)
     inplace: bool  #: whether arrays can be written in place (False for JAX)
     jit: bool  #: whether :meth:`loop` compiles the whole loop
@@ -34,6 +35,9 @@ class Backend(Protocol):
 
     def devices(self) -> list[str]:
         """Names of the devices this backend can place arrays on."""
+
+    def device_of(self, x: Array) -> Any:
+        """The device ``x`` is on, as :meth:`device` returns it."""
 
     def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> Array:
         """Convert host data (NumPy arrays, Python scalars) to an array of this backend."""
@@ -53,33 +57,67 @@ class Backend(Protocol):
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
         """Standard normal samples and the advanced generator state."""
 
-    def scale(self, x: Array, factor: float) -> Array:
-        """``x * factor`` for a Python float (the model input). Optional: the scheduler multiplies itself
-        where a backend lacks it."""
-
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
-        """One KDPM2 substep: ``(b*sample + c*model_output + a*stored, p*sample + q*model_output)``.
+        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output, p*sample + q*model_output)``.
 
-        Coefficients are Python floats (the stateful scheduler) or 0-d arrays (the functional API); ``out``
-        is an optional pair of caller buffers for the two results.
+        Coefficients are Python floats (the stateful scheduler) or 0-d arrays (the functional API); the two
+        must give the same bits. ``stored`` is None when ``a`` is 0. ``out`` is an optional pair of caller
+        buffers for the two results (ignored where arrays are immutable). :meth:`ArrayAPIBackend.lincomb`
+        defines the term order and rounding every first-party backend follows.
         """
 
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
         """``for i in range(n): carry = body(i, carry)``, compiled where the backend can."""
 
-    def compiling(self) -> bool:
+    def compiling(self, *arrays: Array) -> bool:
         """True while a graph compiler traces the caller (``torch.compile``); Python values are then frozen.
-        A backend whose compiler cannot follow the stateful scheduler's Python state raises instead (JAX)."""
+        ``arrays`` are the caller's arguments, from which a backend may tell a trace. A backend whose compiler
+        cannot follow the stateful scheduler's Python state raises instead (JAX)."""
+
+
+#: every attribute and method of :class:`Backend`: what the registry checks a plugin's object for
+PROTOCOL_MEMBERS = tuple(Backend.__annotations__) + tuple(
+    name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")
+)
+
+
+def missing_members(backend: Any) -> list[str]:
+    """The members of :class:`Backend` that ``backend`` lacks (empty when it satisfies the protocol)."""
+    return [name for name in PROTOCOL_MEMBERS if not hasattr(backend, name)]
+
+
+def check_array(backend: Backend, name: str, x: Any) -> None:
+    """Raise a TypeError naming the argument ``name`` unless ``x`` is an array of ``backend``."""
+    if not backend.owns(x):
+        raise TypeError(f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+
+
+def exactly(coef: Any, value: int) -> bool:
+    """Whether ``coef`` is a Python number equal to ``value``. A 0-d array never is: its value stays on the
+    device (reading it would sync, or fail under a trace)."""
+    return isinstance(coef, _NUMBERS) and coef == value
+
+
+def live_terms(terms: Sequence[tuple[Any, Array | None]]) -> list[tuple[Any, Array]]:
+    """``terms`` without those whose coefficient is exactly 0 (see :meth:`ArrayAPIBackend.lincomb`)."""
+    # exactly(coef, 0), inlined: this runs twice per substep
+    return [term for term in terms if not (isinstance(term[0], _NUMBERS) and term[0] == 0)]
+
+
+_NUMBERS = (int, float)
+
+
+def _into(out: Array | None, value: Array) -> Array:
+    if out is None:
+        return value
+    out[...] = value
+    return out
 
 
 def _registered(name: str):
     from kdpm2core.plugins import get_backend
 
     return get_backend(name)
-
-
-def _is_scalar(value) -> bool:
-    return isinstance(value, (int, float))
 
 
 class ArrayAPIBackend:
@@ -156,61 +194,62 @@ class ArrayAPIBackend:
         return self.asarray(rng.standard_normal(shape), dtype=dtype, device=device), rng
 
     # -- the substep ------------------------------------------------------------------------------------------
-    def lincomb(self, terms: Sequence[tuple[Any, Array]]) -> Array:
-        """``sum(coef * x for coef, x in terms)`` as a fresh array.
-
-        Python-float coefficients that are exactly 0 drop their term and exactly 1 skip the multiply; the
-        product terms come first so that, on backends with in-place updates, only the result is allocated.
-        """
-        if all(_is_scalar(coef) for coef, _ in terms):
-            terms = [(coef, x) for coef, x in terms if coef != 0]
-            terms.sort(key=lambda term: term[0] == 1)
-        result = None
-        for coef, x in terms:
-            if result is None:
-                result = x * coef
-            elif _is_scalar(coef) and coef == 1:
-                result = self._add(result, x)
-            else:
-                result = self._add(result, x * coef)
-        return result
-
-    def _add(self, result: Array, term: Array) -> Array:
-        if self.inplace:
-            result += term
-            return result
-        return result + term
-
-    def scale(self, x: Array, factor: float) -> Array:
-        return x * factor
-
     def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
-        """Both combinations of a substep; see :class:`Backend`.
+        """Both combinations of a substep (see :class:`Backend`), each by :meth:`lincomb`."""
+        # immutable arrays (JAX, Dask) cannot be written into: ``out`` then goes unused
+        prev_out, pred_out = (None, None) if out is None or not self.inplace else out
+        return (
+            self.lincomb(((a, stored), (b, sample), (c, model_output)), prev_out),
+            self.lincomb(((p, sample), (q, model_output)), pred_out),
+        )
 
-        The terms are summed in one fixed order, ``(b*sample + c*model_output) + a*stored``, each product
-        rounded once. Python-float coefficients 0 and 1 skip work, which is exact (``x*1 == x``,
-        ``y + 0*x == y``), so Python-float rows (stateful scheduler) and 0-d array rows (functional API)
-        give bit-identical results. NumPy-like namespaces (ufuncs with ``out=``) compute into the results
-        directly, chunk by chunk, so a step allocates its two outputs and at most one
-        :data:`CHUNK`-element scratch; with ``out`` buffers, only that scratch.
+    def lincomb(self, terms: Sequence[tuple[Any, Array | None]], out: Array | None = None) -> Array:
+        """``sum(coef * x for coef, x in terms)``: the one definition of a substep's linear combination.
+
+        The terms are summed in the order given, left to right: ``((c0*x0 + c1*x1) + c2*x2)``, each
+        ``acc + c*x`` one :meth:`multiply_add`. A coefficient that is a Python number exactly 0 drops its term
+        (``x`` may then be None); exactly 1 skips its multiply: a leading ``1*x0`` becomes the first
+        multiply-add's ``acc``, a later ``1*x`` is added as it is. Both shortcuts are exact for finite values
+        (``x*1 == x``, ``acc + 0*x == acc``), so Python-float rows (the stateful scheduler) and 0-d array rows
+        (the functional API, whose values the host never reads) give the same bits, as long as
+        :meth:`multiply_add` rounds alike for both kinds of coefficient.
+
+        The result is a new array, or ``out`` when given (later terms then accumulate in it); with mixed
+        dtypes it has the promoted dtype (a float16 sample with a float32 model output gives float32, as the
+        arithmetic itself would). Inputs are never modified and never returned.
         """
-        if _accepts_out(self.xp):
-            prev, pred = (None, None) if out is None else out
-            if out is not None and any(
-                np.may_share_memory(buffer, x) for buffer in out for x in (sample, model_output, stored) if x is not None
-            ):
-                raise ValueError("out buffers must not overlap sample, model_output or the stored sample (state.stored)")
-            prev = _ufunc_combine(prev, ((b, sample), (c, model_output), (a, stored)), like=sample)
-            pred = _ufunc_combine(pred, ((p, sample), (q, model_output)), like=sample)
-            return prev, pred
-        prev = self.lincomb(((b, sample), (c, model_output), (a, stored)))
-        pred = self.lincomb(((p, sample), (q, model_output)))
-        if out is None:
-            return prev, pred
-        if not self.inplace:  # immutable arrays (JAX) cannot be written into: the buffers go unused
-            return prev, pred
-        out[0][...], out[1][...] = prev, pred
-        return out[0], out[1]
+        live = live_terms(terms)
+        if not live:  # every coefficient is 0: zeros of the first array's dtype
+            like = next(x for _, x in terms if x is not None)
+            if out is None:
+                return self.xp.zeros_like(like)
+            out[...] = 0
+            return out
+        coef, x = live[0]
+        n = len(live)
+        done = 2 if n > 1 and exactly(coef, 1) else 1  # terms the first operation takes
+        if n > done and out is None and any(y.dtype != x.dtype for _, y in live):
+            # later operations accumulate in place: start in the dtype the terms promote to, so that every
+            # product rounds there (a float16 sample's values are exact in float32)
+            x = self.xp.astype(x, self.xp.result_type(*(y for _, y in live)))
+        if done == 2:  # a leading 1: the first multiply-add starts from x itself
+            acc = self.multiply_add(x, live[1][0], live[1][1], out=out)
+        else:
+            acc = self.multiply(x, coef, out=out)
+        if n > done:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can
+            for coef, y in live[done:]:
+                acc = self.multiply_add(acc, coef, y, out=acc if self.inplace else None)
+        return acc
+
+    def multiply(self, x: Array, coef: Any, out: Array | None = None) -> Array:
+        """``coef * x`` (a Python number or a 0-d array), a new array or written into ``out``."""
+        return _into(out, x * coef)
+
+    def multiply_add(self, acc: Array, coef: Any, x: Array, out: Array | None = None) -> Array:
+        """``acc + coef * x`` (``acc + x`` for a coefficient exactly 1), a new array or written into ``out``,
+        which may be ``acc`` itself. A backend whose library has a fused multiply-add overrides this; it must
+        round the same way for a Python-number and a 0-d array coefficient."""
+        return _into(out, acc + (x if exactly(coef, 1) else x * coef))
 
     # -- loops ------------------------------------------------------------------------------------------------
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -218,53 +257,7 @@ class ArrayAPIBackend:
             carry = body(i, carry)
         return carry
 
-    def compiling(self) -> bool:
+    def compiling(self, *arrays: Array) -> bool:
         return False
 
 
-#: elements per chunk of the NumPy update: five chunk-sized operands stay in a core's L2 cache
-CHUNK = 1 << 15
-
-
-def _accepts_out(xp) -> bool:
-    """Whether ``xp``'s arithmetic are NumPy ufuncs (they write into ``out=`` without temporaries)."""
-    return isinstance(getattr(xp, "multiply", None), np.ufunc) and isinstance(getattr(xp, "add", None), np.ufunc)
-
-
-def _ufunc_combine(dst, terms, *, like):
-    """``dst[...] = sum(coef * x)`` in the order given, product by product, one chunk at a time; returns ``dst``.
-
-    With ``dst`` None the result is a new C-contiguous array of ``like``'s shape, whatever ``like``'s memory
-    layout (a transposed or Fortran-ordered sample too), in the dtype NumPy's promotion gives the terms' arrays
-    (a float32 sample with a float64 model output gives float64, as the arithmetic itself would)."""
-    terms = [(coef, x) for coef, x in terms if not (_is_scalar(coef) and coef == 0)]
-    if dst is None:
-        dtype = np.result_type(*(x for _, x in terms)) if terms else like.dtype
-        if dtype.kind != "f":
-            raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
-        dst = np.empty(like.shape, dtype=dtype)
-    if not dst.flags.c_contiguous:
-        raise ValueError("out buffers must be C-contiguous arrays")
-    flat = dst.reshape(-1)  # a view, since ``dst`` is contiguous
-    operands = [(coef, np.ascontiguousarray(x).reshape(-1)) for coef, x in terms]
-    scratch = None
-    for start in range(0, max(flat.size, 1), CHUNK):
-        part = flat[start : start + CHUNK]
-        if not terms:
-            part[...] = 0
-        for i, (coef, x) in enumerate(operands):
-            x = x[start : start + CHUNK]
-            one = _is_scalar(coef) and coef == 1
-            if i == 0 and one:
-                np.copyto(part, x)
-            elif i == 0:
-                np.multiply(x, coef, out=part)
-            elif one:
-                np.add(part, x, out=part)
-            else:
-                if scratch is None:
-                    scratch = np.empty(min(CHUNK, flat.size), dtype=dst.dtype)
-                tmp = scratch[: part.size]
-                np.multiply(x, coef, out=tmp)
-                np.add(part, tmp, out=part)
-    return dst

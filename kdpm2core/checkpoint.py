@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core.backend import check_array
 from kdpm2core.scheduler import KDPM2DiscreteScheduler
 
 __all__ = [
@@ -43,7 +44,8 @@ __all__ = [
 ]
 
 STATE_FILE = "kdpm2_checkpoint.json"
-CHECKPOINT_FORMAT = "kdpm2.checkpoint/2"  # /2: the JSON carries the SHA-256 of its own contents
+#: the layouts this version writes and reads (the JSON records each file's SHA-256 and one of its own contents)
+CHECKPOINT_FORMAT = "kdpm2.checkpoint/2"
 FUNCTIONAL_FORMAT = "kdpm2.functional-checkpoint/2"
 #: the largest checkpoint JSON that is written or read (its size grows with the number of steps)
 MAX_MANIFEST_BYTES = 16 << 20
@@ -54,18 +56,24 @@ _DTYPES = frozenset(
 )
 
 
-def save_checkpoint(directory: str | os.PathLike, scheduler: KDPM2DiscreteScheduler, **arrays) -> Path:
-    """Write ``scheduler``'s state and ``arrays`` (backend arrays, by name) into ``directory``; returns the
-    JSON file's path. Names are identifiers; a later save into the same directory replaces the checkpoint."""
+def _save_target(directory: str | os.PathLike, backend, arrays: dict) -> Path:
+    """``directory`` as a Path, after checking that it is not a file and that ``arrays`` are named by
+    identifiers and are arrays of ``backend`` (every check before any write)."""
     directory = Path(directory)
     if directory.is_file():
         raise ValueError(f"checkpoint directory {str(directory)!r} is a file")
-    backend = scheduler.backend
     for name, x in arrays.items():
         if not _ARRAY_NAME.match(name):
             raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
-        if not backend.owns(x):
-            raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
+        check_array(backend, f"array {name!r}", x)
+    return directory
+
+
+def save_checkpoint(directory: str | os.PathLike, scheduler: KDPM2DiscreteScheduler, **arrays) -> Path:
+    """Write ``scheduler``'s state and ``arrays`` (backend arrays, by name) into ``directory``; returns the
+    JSON file's path. Names are identifiers; a later save into the same directory replaces the checkpoint."""
+    backend = scheduler.backend
+    directory = _save_target(directory, backend, arrays)
     state = scheduler.state_dict()
     stored = state.pop("stored")
     files = {name: _encode_array(backend, x) for name, x in arrays.items()}  # every check before any write
@@ -137,16 +145,9 @@ def save_functional_checkpoint(directory: str | os.PathLike, plan, state, **arra
     A plan is code (the arguments of ``make_plan``), so it is not saved: its fingerprint is, and
     :func:`load_functional_checkpoint` checks that the plan it is given is the same one.
     """
-    directory = Path(directory)
-    if directory.is_file():
-        raise ValueError(f"checkpoint directory {str(directory)!r} is a file")
     backend = plan.info.backend
+    directory = _save_target(directory, backend, arrays)
     named = {"index": state.index, "stored": state.stored, **{f"array_{k}": v for k, v in arrays.items()}}
-    for name, x in arrays.items():
-        if not _ARRAY_NAME.match(name):
-            raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
-        if not backend.owns(x):
-            raise TypeError(f"array {name!r} must be an array of backend {backend.name!r}, got {type(x).__name__}")
     files = {name: _encode_array(backend, x) for name, x in named.items()}
     manifest = {
         "format": FUNCTIONAL_FORMAT,
@@ -301,7 +302,7 @@ def _read_array(path: Path, backend, entry, device):
     stored_as = np.dtype("float32") if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"])
     if host_dtype != stored_as.newbyteorder(host_dtype.byteorder):
         raise ValueError(f"{where}: host_dtype {entry['host_dtype']!r} is not how a {entry['dtype']} array is stored")
-    if entry["dtype"] == "float64" and not getattr(backend, "float64", True):
+    if entry["dtype"] == "float64" and not backend.float64:
         raise ValueError(
             f"{where} is float64, which backend {backend.name!r} cannot hold (float64=False; for JAX, turn on "
             "jax_enable_x64): resume on another backend"

@@ -1,5 +1,5 @@
 """The ``kdpm2`` command: list backends, sample toy models with an exact denoiser, compare backends, print
-schedules and run the conformance suite.
+schedules, run the conformance suite and start a backend plugin.
 
 User errors (an unknown backend, a bad option) print one line and exit with status 2; Ctrl-C exits with
 status 130. Both without a traceback. A missing optional part (matplotlib for ``--plot``, a backend's framework,
@@ -160,6 +160,23 @@ def scheduler_options(command):
         click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0",
                      help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
     ]
+    return _with_options(command, options)
+
+
+def run_options(*, samples: int, device_help: str):
+    """The options of a sampling run, shared by sample and compare: device, dtype, seed and point count."""
+    options = [
+        click.option("--device", default=None, help=device_help),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the starting noise (drawn with NumPy)."),
+        click.option("--samples", "num_samples", type=click.IntRange(min=1), default=samples, show_default=True,
+                     help="Points per toy."),
+    ]
+    return lambda command: _with_options(command, options)
+
+
+def _with_options(command, options):
     for option in reversed(options):
         command = option(command)
     return command
@@ -363,12 +380,7 @@ def backends(as_json):
 @cli.command(short_help="Sample toy models with an exact denoiser.")
 @click.option("--backend", "backend_name", default="numpy", show_default=True,
               help="Registered backend name (see 'kdpm2 backends').")
-@click.option("--device", default=None, help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Points per toy.")
+@run_options(samples=2000, device_help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
 @click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True,
               help="Which toy model.")
 @scheduler_options
@@ -415,12 +427,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
 
 @cli.command(short_help="The same sampling on every backend, side by side.")
 @click.option("--backends", "names", default=None, metavar="A,B,...", help="Backends to compare [every available one].")
-@click.option("--device", default=None, help="Device for every backend [backend default].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the starting noise (drawn with NumPy).")
-@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Points per toy.")
+@run_options(samples=500, device_help="Device for every backend [backend default].")
 @scheduler_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def compare(names, device, dtype, seed, num_samples, as_json, **opts):
@@ -532,6 +539,29 @@ def conformance(backend_name, pytest_args):
         raise click.ClickException(f"the conformance suite is not available in this installation: {exc}") from None
     code = run(backend_name, extra_args=tuple(pytest_args))
     sys.exit(int(code))
+
+
+@cli.group(short_help="Tools for writing a backend plugin.")
+def plugin():
+    """Tools for writing a backend plugin (see docs/plugins.md)."""
+
+
+@plugin.command(name="new", short_help="Write a new backend plugin distribution.")
+@click.argument("name")
+@click.option("--directory", "-o", default=None, type=click.Path(file_okay=False),
+              help="Where to write it [./kdpm2-NAME].")
+def plugin_new(name, directory):
+    """Write a plugin distribution for backend NAME: pyproject.toml with the kdpm2 entry point, the backend
+    module (NumPy-backed, to adapt to your library) and a test that runs the conformance suite. Install it with
+    'pip install -e DIRECTORY', then run 'kdpm2 conformance NAME'."""
+    from kdpm2core.plugin_template import write_plugin
+
+    directory = directory or f"kdpm2-{name}"
+    with user_errors():
+        written = write_plugin(name, directory)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: pip install -e {directory} && kdpm2 conformance {name}")
 
 
 # -- plots -------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ checked for type and range with an error that names the key.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import numbers
@@ -21,6 +22,8 @@ __all__ = ["DEFAULTS", "FrozenConfig", "validate_config", "load_config_file", "C
 
 CONFIG_NAME = "scheduler_config.json"
 CLASS_NAME = "KDPM2DiscreteScheduler"
+USE_DEFAULT_VALUES = "_use_default_values"  # diffusers' config key listing the options left at their defaults
+DIFFUSERS_FORMAT_VERSION = "0.42.1"  # the diffusers release whose config files ours are checked against
 MAX_CONFIG_BYTES = 1 << 20
 MAX_TRAIN_TIMESTEPS = 100_000  # models train with 1000; a bound keeps a downloaded config from exhausting memory
 
@@ -42,10 +45,18 @@ CHOICES = {
     "prediction_type": ("epsilon", "v_prediction", "sample"),
     "timestep_spacing": ("linspace", "leading", "trailing"),
 }
+# diffusers' from_pretrained options for downloading from the Hub: ours reads local files only, so they are
+# accepted and have nothing to do (as in diffusers for a local directory)
+DOWNLOAD_OPTIONS = frozenset(
+    {
+        "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "mirror", "user_agent",
+        "local_dir", "local_dir_use_symlinks",
+    }
+)
 SIGMA_FAMILIES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
-# Keys other diffusers schedulers put in their configs; swapping schedulers ignores them quietly, as diffusers
-# does for its compatible schedulers. Any other unknown key is ignored with a warning.
+# Keys other diffusers schedulers put in their configs: a config built from theirs keeps them, unused and
+# quietly, as diffusers does for its compatible schedulers. Any other unknown key is kept with a warning.
 FOREIGN_SCHEDULER_KEYS = frozenset(
     """clip_sample clip_sample_range set_alpha_to_one skip_prk_steps variance_type thresholding
     dynamic_thresholding_ratio sample_max_value rescale_betas_zero_snr interpolation_type timestep_type
@@ -161,24 +172,86 @@ def validate_config(values: Mapping) -> dict:
     return out
 
 
-def split_known(values: Mapping, owner: str, *, warn: bool = True) -> tuple[dict, dict]:
-    """(options we know, the rest); warns (unless ``warn`` is false: the caller takes the rest) about unknown
-    keys that are not private or from other schedulers."""
-    known = {k: v for k, v in values.items() if k in DEFAULTS}
-    unknown = sorted(k for k in values if k not in DEFAULTS and not str(k).startswith("_"))
-    noisy = [k for k in unknown if k not in FOREIGN_SCHEDULER_KEYS]
-    if noisy and warn:
-        warnings.warn(f"{owner}: config keys {noisy} are not used by KDPM2DiscreteScheduler and are ignored", stacklevel=3)
-    return known, {k: values[k] for k in unknown}
+def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool = True) -> tuple[dict, dict, dict]:
+    """Split a scheduler config (any diffusers scheduler's) and keyword overrides as diffusers' ``from_config``
+    does: ``(our options, the unused keys, the keys to keep in the new config)``.
+
+    Keys the source left at its own defaults (its ``_use_default_values``) are dropped, so that ours apply. The
+    kept keys are every other key of the source that is not one of our options (other schedulers' settings,
+    ``_class_name``, ``_diffusers_version``): a scheduler built back from our config gets them again. Unknown
+    keys that are neither private nor another diffusers scheduler's warn, naming them, unless ``warn`` is false
+    (the caller takes the unused keys).
+    """
+    defaulted = config.get(USE_DEFAULT_VALUES) or ()
+    if isinstance(defaulted, str) or not isinstance(defaulted, (list, tuple)) or not all(isinstance(k, str) for k in defaulted):
+        raise TypeError(f"{USE_DEFAULT_VALUES} must be a list of option names, got {defaulted!r}")
+    class_name = config.get("_class_name")
+    if class_name is not None and not isinstance(class_name, (str, list, tuple)):
+        raise ValueError(f"_class_name must be a string (or a list of strings), got {type(class_name).__name__}")
+    source = {key: value for key, value in config.items() if key not in defaulted and key != USE_DEFAULT_VALUES}
+    options = {key: overrides[key] if key in overrides else source[key] for key in DEFAULTS if key in overrides or key in source}
+    kept = {key: value for key, value in source.items() if key not in options}
+    if "_class_name" in kept:
+        kept["_class_name"] = CLASS_NAME
+    unexpected = {k: v for k, v in kept.items() if not str(k).startswith("_") and k not in FOREIGN_SCHEDULER_KEYS}
+    if unexpected and warn:
+        warnings.warn(f"{owner}: config keys {sorted(unexpected)} are not used by {CLASS_NAME} and are ignored", stacklevel=3)
+    unused = {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
+    return options, unused, kept
 
 
-def to_json_dict(config: Mapping, version: str) -> dict:
-    """The diffusers-format dict written to ``scheduler_config.json``."""
-    out = {"_class_name": CLASS_NAME, "_kdpm2_version": version}
-    for key in DEFAULTS:
-        value = config[key]
-        out[key] = list(value) if isinstance(value, tuple) else value
+def updated_config(config: Mapping, changes: Mapping) -> FrozenConfig:
+    """``config`` with ``changes`` (diffusers' ``register_to_config``): any key may be set; our options are
+    checked first, with an error naming the key, and stored normalised."""
+    merged = {**config, **changes}
+    checked = validate_config(merged)
+    return FrozenConfig({**merged, **{key: checked[key] for key in changes if key in DEFAULTS}})
+
+
+def _json_value(value):
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return Path(value).as_posix()
+    return value
+
+
+def to_json_dict(config: Mapping) -> dict:
+    """The diffusers-format dict written to ``scheduler_config.json``: every key of the config, other schedulers'
+    too, with ``_class_name`` and ``_diffusers_version``, but without ``_use_default_values`` (as diffusers
+    writes it, a loaded file gives values for every option)."""
+    out = {key: _json_value(value) for key, value in config.items() if key not in (USE_DEFAULT_VALUES, "_ignore_files")}
+    out["_class_name"] = CLASS_NAME
+    out["_diffusers_version"] = diffusers_format_version(config)
     return out
+
+
+def diffusers_format_version(config: Mapping) -> str:
+    """The ``_diffusers_version`` a saved config carries: the installed diffusers' (what diffusers itself writes),
+    else the one the config came with, else the diffusers release whose format this package writes."""
+    try:
+        return importlib.metadata.version("diffusers")  # the installed distribution's metadata: no import
+    except importlib.metadata.PackageNotFoundError:
+        recorded = config.get("_diffusers_version")
+        return recorded if isinstance(recorded, str) else DIFFUSERS_FORMAT_VERSION
+
+
+def to_state_config(config: Mapping, version: str) -> dict:
+    """The config as JSON data for a scheduler's state: every key, ``_use_default_values`` too, and the version
+    of kdpm2 that wrote it (``_kdpm2_version``)."""
+    return {**{key: _json_value(value) for key, value in config.items()}, "_kdpm2_version": version}
+
+
+def from_state_config(config: Mapping) -> FrozenConfig:
+    """The config saved by :func:`to_state_config`, checked (our options by :func:`validate_config`, the list of
+    defaulted options by name) and normalised; a TypeError or ValueError names the key."""
+    restored = {key: value for key, value in config.items() if key != "_kdpm2_version"}
+    defaulted = restored.get(USE_DEFAULT_VALUES, [])
+    if not isinstance(defaulted, list) or not all(isinstance(key, str) and key in DEFAULTS for key in defaulted):
+        raise TypeError(f"{USE_DEFAULT_VALUES} must be a list of option names, got {defaulted!r}")
+    return FrozenConfig({**restored, **validate_config(restored)})
 
 
 def load_config_file(path: str | os.PathLike, *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> dict:

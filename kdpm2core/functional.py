@@ -31,16 +31,19 @@ Design notes:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core.backend import check_array
 from kdpm2core.plugins import get_backend
-from kdpm2core.schedule import Schedule, build_schedule, sigma_to_t, substep_table, training_table
+from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
 
 __all__ = [
     "Plan",
@@ -62,7 +65,7 @@ class PlanInfo:
     """Host-side facts of a plan: no arrays. Static under ``jax.jit``, so it compares by value: two plans
     made alike (say, one per request) share one compiled function instead of compiling one each."""
 
-    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "_key")
+    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "index_dtype", "_key")
 
     def __init__(self, backend, dtype, device, base: Schedule, options: dict, prediction_type: str, churn: tuple):
         self.backend = backend  #: the backend object every function of this module calls
@@ -72,8 +75,10 @@ class PlanInfo:
         self.options = options  #: the validated scheduler options (for the training sigmas)
         self.prediction_type = prediction_type  #: what the table expects the model to predict
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
+        self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
-        self._key = (backend.name, str(dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+        self._key = (backend.name, str(dtype), str(self.index_dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+        _static_under_jax(sys.modules.get("jax"))
 
     def __eq__(self, other):
         return type(other) is PlanInfo and (self is other or (self.backend is other.backend and self._key == other._key))
@@ -90,6 +95,14 @@ class PlanInfo:
         return f"PlanInfo(backend={self.backend.name!r}, dtype={self.dtype}, prediction_type={self.prediction_type!r})"
 
 
+@functools.cache
+def _static_under_jax(jax) -> None:
+    """Register :class:`PlanInfo` with JAX as a static pytree node (no leaves), so that a plan can be an
+    argument of ``jax.jit`` or ``vmap``; once, and only when jax is imported (this module never imports it)."""
+    if jax is not None:
+        jax.tree_util.register_static(PlanInfo)
+
+
 class Plan(NamedTuple):
     """Everything a sampling loop reads, one entry per substep, as backend arrays."""
 
@@ -104,7 +117,7 @@ class Plan(NamedTuple):
 class State(NamedTuple):
     """The sampler's state: a pytree of arrays (JAX can carry it through ``lax.scan``)."""
 
-    index: Array  #: 0-d int32: the next substep
+    index: Array  #: 0-d integer (the namespace's default index dtype, :attr:`PlanInfo.index_dtype`): the next substep
     stored: Array  #: the sample passed to the previous step (what a midpoint substep starts from); zeros at first
 
 
@@ -145,11 +158,11 @@ def make_plan(
         An immutable :class:`Plan`.
     """
     if source is not None:
-        if not hasattr(source, "_host") or not hasattr(source, "config"):
+        if not hasattr(source, "schedule") or not hasattr(source, "config"):
             raise TypeError(f"source must be a KDPM2DiscreteScheduler or None, got {type(source).__name__}")
         if options or num_inference_steps is not None or sigmas is not None:
             raise ValueError("pass either a scheduler as source, or num_inference_steps/sigmas/options, not both")
-        base, validated = source._host, _config.validate_config(source.config)
+        base, validated = source.schedule, _config.validate_config(source.config)
         backend = source.backend if backend is None else get_backend(backend)
         if device is None:
             device = backend.device_of(source.timesteps)
@@ -157,10 +170,7 @@ def make_plan(
         unknown = sorted(set(options) - set(_config.DEFAULTS))
         if unknown:
             raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
-        if (num_inference_steps is None) == (sigmas is None):
-            raise ValueError("pass exactly one of num_inference_steps and sigmas")
-        if num_inference_steps is not None:
-            num_inference_steps = _config.positive_int("num_inference_steps", num_inference_steps)
+        num_inference_steps = schedule_request(num_inference_steps, sigmas)
         validated = _config.validate_config(options)
         base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
         backend = get_backend(backend)
@@ -209,9 +219,7 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
         sigma_hat = step_sigmas * (1.0 + gammas)
         sigma_in, midpoint, table, step_of_row = substep_table(sigma_hat, sigma_next, prediction_type)
         raised = gammas[step_of_row] > 0
-        log_sigmas = training_table(
-            *(info.options[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"))
-        ).log_sigmas
+        log_sigmas = training_table_for(info.options).log_sigmas
         # unchurned steps keep the scheduler's timesteps; raised sigmas get the timestep of their own sigma
         timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
         added = churn[3] * np.sqrt(np.maximum(sigma_hat**2 - step_sigmas**2, 0.0))
@@ -246,12 +254,17 @@ def init(plan: Plan, sample: Array, index: int = 0) -> State:
     value in a compiled loop) is taken as it is.
     """
     _check_start(plan, index, "index")
-    backend = plan.info.backend
-    # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag)
-    extra = {} if plan.info.device is None else {"device": plan.info.device}
+    xp, dtype = plan.info.backend.xp, plan.info.index_dtype
+    if isinstance(index, numbers.Integral):
+        # ``full`` fills on the device: no host-to-device copy (which CUDA's sync debug mode would flag); the
+        # standard's fill value is a Python scalar (a NumPy integer is not one)
+        extra = {} if plan.info.device is None else {"device": plan.info.device}
+        start = xp.full((), int(index), dtype=dtype, **extra)
+    else:  # a backend array, perhaps traced: converted where it is, without a host read
+        start = xp.astype(index, dtype)
     # ``stored`` starts as zeros, not as ``sample`` itself: an alias of the step's input would make compilers
     # guard on it and compile the first step apart from the rest
-    return State(backend.xp.full((), index, dtype=backend.dtype("int32"), **extra), backend.xp.zeros_like(sample))
+    return State(start, xp.zeros_like(sample))
 
 
 def _check_start(plan: Plan, index, name: str) -> None:
@@ -269,11 +282,26 @@ def _check_start(plan: Plan, index, name: str) -> None:
         raise TypeError(f"{name} must be an integer or a 0-d integer array, got {type(index).__name__} {index!r}")
 
 
+def _index_dtype(xp) -> Any:
+    """The integer dtype ``xp`` uses for indices: ``default_dtypes()["indexing"]`` of its
+    ``__array_namespace_info__``, else the dtype of ``asarray(0)`` (the standard's default integer dtype).
+
+    Some libraries' ``take`` accepts only this dtype (the standard allows any integer dtype), and JAX without
+    ``jax_enable_x64`` has no int64, so the substep index is made in it."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        return info().default_dtypes()["indexing"]
+    return xp.asarray(0).dtype
+
+
 def _row(plan: Plan, state: State, values: Array) -> Array:
-    """``values[state.index]`` through ``take`` with a 1-element index array: no host read on any backend."""
+    """``values[state.index]`` through ``take`` with a 1-element index array: no host read on any backend.
+
+    The leading axis of length 1 is dropped with ``[0, ...]``: the standard indexes every dimension (or says
+    ``...`` for the rest), and standard-strict libraries refuse ``[0]`` on a 2-D array."""
     xp = plan.info.backend.xp
     picked = xp.take(values, xp.reshape(state.index, (1,)), axis=0)
-    return picked[0]
+    return picked[0, ...]
 
 
 def model_inputs(plan: Plan, state: State, sample: Array, *, denoiser: bool = False) -> tuple[Array, Array]:
@@ -323,8 +351,7 @@ def _check_like(plan: Plan, sample: Array, **arrays) -> None:
     it at the next substep), and shapes never broadcast silently."""
     backend = plan.info.backend
     for name, x in {"sample": sample, **arrays}.items():
-        if not backend.owns(x):
-            raise TypeError(f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+        check_array(backend, name, x)
         if x.shape != sample.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but sample has shape {tuple(sample.shape)}")
         if x.dtype != sample.dtype:
@@ -387,7 +414,7 @@ def sample(
     def body(_, carry):
         x, state, rng = carry
         if churned:  # host-side constant: the churn-free loop is exactly the scheduler's
-            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype)
+            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
             x = x + eps * _row(plan, state, plan.noise)
         output = model(*model_inputs(plan, state, x, denoiser=denoiser))
         (x, _), state = step(plan, state, output, x)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from kdpm2core import hookspecs
+from kdpm2core.backend import Backend, missing_members
 from kdpm2core.hookspecs import hookimpl
 
 __all__ = ["available_backends", "get_backend", "backend_report", "hookimpl", "BackendError", "PluginWarning"]
@@ -222,7 +223,7 @@ def get_backend(name: str | None = None):
     """The backend object called ``name`` (``None``: ``$KDPM2_BACKEND``, else ``"numpy"``), built once."""
     if name is None:
         name = os.environ.get("KDPM2_BACKEND") or "numpy"
-    if not isinstance(name, str) and hasattr(name, "xp") and hasattr(name, "name"):
+    if isinstance(name, Backend):
         return name  # already a backend object
     if not isinstance(name, str):
         raise TypeError(f"backend must be a backend name (str), got {type(name).__name__}")
@@ -249,8 +250,8 @@ def get_backend(name: str | None = None):
                 backend = entry.factory()
             except (Exception, SystemExit) as exc:
                 raise _broken(entry, f"backend {name!r} ({source}) failed to load: {exc!r}") from exc
-            problems = [attr for attr in _REQUIRED_ATTRIBUTES if not hasattr(backend, attr)]
-            if problems or getattr(backend, "name", None) != name:
+            problems = missing_members(backend)
+            if problems or backend.name != name:
                 raise _broken(
                     entry,
                     f"backend {name!r} ({source}) is malformed: "
@@ -258,10 +259,6 @@ def get_backend(name: str | None = None):
                 )
             entry.instance = backend
         return entry.instance
-
-
-# what the scheduler calls on every backend; the factory's object is checked for these before first use
-_REQUIRED_ATTRIBUTES = ("name", "xp", "owns", "asarray", "to_numpy", "update")
 
 
 def _broken(entry: BackendEntry, message: str) -> BackendError:

@@ -25,9 +25,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Schedule", "build_schedule", "substep_table", "training_table", "sigma_to_t", "COLUMNS"]
+from kdpm2core.config import positive_int
+
+__all__ = [
+    "Schedule",
+    "build_schedule",
+    "schedule_request",
+    "substep_table",
+    "training_table",
+    "training_table_for",
+    "sigma_to_t",
+    "COLUMNS",
+    "TRAINING_OPTIONS",
+]
 
 COLUMNS = ("a", "b", "c", "p", "q", "first")
+#: the options the training table depends on, in :func:`training_table`'s argument order
+TRAINING_OPTIONS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
 class TrainingTable(NamedTuple):
@@ -97,6 +111,11 @@ def training_table(
     if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
         raise ValueError(f"{name} give a noise table that is not finite and positive (alphas_cumprod underflows)")
     return TrainingTable(betas, alphas_cumprod, sigmas, np.log(sigmas))
+
+
+def training_table_for(options: Mapping) -> TrainingTable:
+    """The training table of validated scheduler options (their :data:`TRAINING_OPTIONS`)."""
+    return training_table(*(options[key] for key in TRAINING_OPTIONS))
 
 
 def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
@@ -195,17 +214,21 @@ def _check_custom_sigmas(sigmas) -> np.ndarray:
     return values
 
 
+def schedule_request(num_inference_steps, sigmas) -> int | None:
+    """``num_inference_steps`` as a positive int (None with ``sigmas``); ValueError unless exactly one of the
+    two is given."""
+    if (num_inference_steps is None) == (sigmas is None):
+        raise ValueError("pass exactly one of num_inference_steps and sigmas")
+    if num_inference_steps is None:
+        return None
+    return positive_int("num_inference_steps", num_inference_steps)
+
+
 def build_schedule(
     config: Mapping, num_inference_steps: int | None = None, *, sigmas=None, num_train_timesteps: int | None = None
 ) -> Schedule:
     """The schedule ``set_timesteps`` installs, for a validated config (see :mod:`kdpm2core.config`)."""
-    train = training_table(
-        config["num_train_timesteps"],
-        config["beta_start"],
-        config["beta_end"],
-        config["beta_schedule"],
-        config["trained_betas"],
-    )
+    train = training_table_for(config)
     if sigmas is not None:  # k-diffusion style: the whole decreasing sequence, final sigma included
         values = _check_custom_sigmas(sigmas).astype(np.float32).astype(np.float64)
         step_sigmas, final = values[:-1], values[-1]

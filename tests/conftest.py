@@ -91,3 +91,12 @@ def scheduler_options(beta="linear", family=None, spacing="linspace", offset=0, 
     if family:
         kw[f"use_{family}_sigmas"] = True
     return kw
+
+
+def comparable_config(config) -> dict:
+    """A scheduler config as a plain dict with ``_use_default_values`` sorted: diffusers builds that list from a
+    set, so its order changes from run to run, and configs are compared as diffusers' own tests do, by value."""
+    out = dict(config)
+    if "_use_default_values" in out:
+        out["_use_default_values"] = sorted(out["_use_default_values"])
+    return out

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import diffusers_kdpm2
+from conftest import comparable_config, diffusers_kdpm2
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.config import DEFAULTS, FrozenConfig
@@ -52,7 +52,9 @@ def test_config_is_a_read_only_dict_with_attributes():
     config = KDPM2DiscreteScheduler(**SETTINGS).config
     assert isinstance(config, dict) and isinstance(config, FrozenConfig)
     assert config.prediction_type == config["prediction_type"] == "v_prediction"
-    assert set(config) == set(DEFAULTS)
+    # as diffusers: the options left at their defaults are listed, so that other schedulers use their own
+    assert list(config) == [*DEFAULTS, "_use_default_values"]
+    assert config._use_default_values == [key for key in DEFAULTS if key not in SETTINGS]
     with pytest.raises(AttributeError, match="no_such_key"):
         config.no_such_key
     mutations = [
@@ -139,9 +141,12 @@ def test_numpy_bools_are_bools():
 
 
 def test_truly_unknown_keys_warn_and_name_the_key():
+    source = {"my_custom_knob": 3, "clip_sample": False, "_private": 1}
     with pytest.warns(UserWarning, match="my_custom_knob"):
-        ours = KDPM2DiscreteScheduler.from_config({"my_custom_knob": 3, "clip_sample": False, "_private": 1})
-    assert "my_custom_knob" not in ours.config
+        ours = KDPM2DiscreteScheduler.from_config(source)
+    # kept in the config, unused, as diffusers keeps every key of the config it was built from
+    assert {key: ours.config[key] for key in source} == source
+    assert {key: diffusers.KDPM2DiscreteScheduler.from_config(source).config[key] for key in source} == source
 
 
 def test_diffusers_from_config_of_our_config_gets_the_same_settings():
@@ -232,3 +237,90 @@ def test_pipeline_style_internal_dict_patch_is_followed():
     ours._internal_dict = FrozenDict(bad)
     with pytest.raises(TypeError, match="steps_offset"):
         ours.set_timesteps(10)
+
+
+# ---- diffusers' ConfigMixin / SchedulerMixin conventions ---------------------------------------------------------
+def test_class_level_conventions_are_diffusers():
+    for name in ("config_name", "has_compatibles", "_compatibles", "_deprecated_kwargs", "order"):
+        assert getattr(KDPM2DiscreteScheduler, name) == getattr(diffusers.KDPM2DiscreteScheduler, name), name
+    assert KDPM2DiscreteScheduler.config_name == "scheduler_config.json"
+
+
+def test_config_keys_read_as_attributes_answer_with_a_deprecation_warning_as_in_diffusers():
+    ours = KDPM2DiscreteScheduler.from_config({**SETTINGS, "clip_sample": False})
+    theirs = diffusers.KDPM2DiscreteScheduler.from_config({**SETTINGS, "clip_sample": False})
+    for scheduler in (ours, theirs):
+        with pytest.warns(FutureWarning, match="num_train_timesteps.*config"):
+            assert scheduler.num_train_timesteps == 1200
+        with pytest.warns(FutureWarning, match="clip_sample"):  # a key kept from another scheduler's config
+            assert scheduler.clip_sample is False
+        with pytest.raises(AttributeError, match="no_such_option"):
+            _ = scheduler.no_such_option
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler's own attributes never warn
+        assert ours.order == 2 and ours.config.steps_offset == 1 and ours.step_index is None
+    assert not hasattr(ours, "no_such_option")
+
+
+def test_register_to_config_updates_the_config_as_diffusers_does():
+    ours, theirs = KDPM2DiscreteScheduler(timestep_spacing="leading"), diffusers_kdpm2(timestep_spacing="leading")
+    for scheduler in (ours, theirs):
+        scheduler.register_to_config(steps_offset=1, clip_sample=False)  # as diffusers' conversion script does
+        scheduler.set_timesteps(10)
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
+    assert ours.config.steps_offset == 1 and ours.config.clip_sample is False
+    np.testing.assert_array_equal(np.asarray(ours.timesteps)[0::2], theirs.timesteps.numpy()[0::2])
+    fresh = KDPM2DiscreteScheduler(timestep_spacing="leading", steps_offset=1)
+    fresh.set_timesteps(10)
+    np.testing.assert_array_equal(np.asarray(ours.timesteps), np.asarray(fresh.timesteps))  # the new offset is used
+    with pytest.raises(ValueError, match="prediction_type"):  # ours are checked at once, naming the key
+        ours.register_to_config(prediction_type="x0")
+    assert ours.config.prediction_type == "epsilon"
+
+
+def test_from_config_returns_the_keys_diffusers_returns_as_unused():
+    pndm = diffusers.PNDMScheduler.from_config({**SETTINGS, "_class_name": "PNDMScheduler", "skip_prk_steps": True})
+    ours, unused = KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
+    theirs, their_unused = diffusers.KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
+    assert unused == their_unused and unused["another"] == 1 and unused["skip_prk_steps"] is True
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
+
+
+@pytest.mark.parametrize(
+    "where, subfolder",
+    [("model", "scheduler"), ("flat", None), ("flat/scheduler_config.json", None), ("flat", "no_such_folder")],
+    ids=["subfolder", "directory", "file", "missing-subfolder-falls-back"],
+)
+def test_from_pretrained_finds_the_file_where_diffusers_does(tmp_path, where, subfolder):
+    saved = KDPM2DiscreteScheduler(**SETTINGS)
+    saved.save_pretrained(tmp_path / "model" / "scheduler")
+    saved.save_pretrained(tmp_path / "flat")
+    download = {"local_files_only": True, "revision": "main", "cache_dir": str(tmp_path / "cache")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # download options have nothing to do locally, quietly
+        ours = KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder=subfolder, **download)
+    theirs = diffusers.KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder=subfolder, **download)
+    assert comparable_config(ours.config) == comparable_config(theirs.config)
+    assert settings_of(ours.config) == expected_settings()
+    loaded = KDPM2DiscreteScheduler.load_config(tmp_path / where, subfolder=subfolder)
+    assert loaded == diffusers.KDPM2DiscreteScheduler.load_config(tmp_path / where, subfolder=subfolder)
+    _, unused = KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder, True, extra=1)
+    assert unused == diffusers.KDPM2DiscreteScheduler.from_pretrained(tmp_path / where, subfolder, True, extra=1)[1]
+
+
+def test_a_scheduler_loaded_from_its_saved_file_has_its_config(tmp_path):
+    """As diffusers: saving records ``_class_name`` and ``_diffusers_version`` in the config, so the loaded
+    scheduler's config is the saved one's, less ``_use_default_values`` (the file sets every option)."""
+    for cls in (KDPM2DiscreteScheduler, diffusers.KDPM2DiscreteScheduler):
+        saved = cls.from_config({**SETTINGS, "clip_sample": False})
+        saved.save_pretrained(tmp_path / cls.__module__)
+        loaded = cls.from_pretrained(tmp_path / cls.__module__)
+        expected = {key: value for key, value in saved.config.items() if key != "_use_default_values"}
+        assert dict(loaded.config) == expected and "_use_default_values" not in loaded.config
+        assert saved.config["_class_name"] == "KDPM2DiscreteScheduler"
+
+
+def test_save_pretrained_does_not_pretend_to_push(tmp_path):
+    with pytest.raises(NotImplementedError, match="push_to_hub"):
+        KDPM2DiscreteScheduler().save_pretrained(tmp_path, push_to_hub=True)
+    assert not (tmp_path / "scheduler_config.json").exists()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,105 @@ def test_suite_runs_without_diffusers_torch_or_jax(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "error" not in result.stdout.lower()
+
+
+BROKEN = """
+import numpy as np
+from kdpm2core import hookimpl
+from kdpm2core.backend import ArrayAPIBackend
+
+class WrongXp(ArrayAPIBackend):  # plain numpy, not the namespace array_api_compat gives NumPy arrays
+    def __init__(self):
+        super().__init__("wrong-xp", np)
+
+class NoDeviceOf(ArrayAPIBackend):  # as for a library whose arrays have no .device
+    def device_of(self, x):
+        raise AttributeError(f"{type(x).__name__!r} object has no attribute 'device'")
+
+class IgnoresDtype(ArrayAPIBackend):
+    def asarray(self, obj, *, dtype=None, device=None):
+        return self.xp.asarray(obj, dtype=self.xp.float64)
+
+class ObjectToNumpy(ArrayAPIBackend):  # what numpy.asarray does with an array type it does not understand
+    def to_numpy(self, x):
+        host = np.empty((), dtype=object)
+        host[()] = x
+        return host
+
+def make(cls, name):
+    import array_api_compat.numpy
+    return lambda: cls() if cls is WrongXp else cls(name, array_api_compat.numpy)
+
+@hookimpl
+def register_backends(register):
+    for cls, name in ((WrongXp, "wrong-xp"), (NoDeviceOf, "no-device-of"), (IgnoresDtype, "ignores-dtype"),
+                      (ObjectToNumpy, "object-to-numpy")):
+        register(name, make(cls, name), requires=("numpy",))
+"""
+
+
+def test_protocol_failures_come_first_and_name_the_method_to_override(numpy_copy, monkeypatch):
+    """Each misbehaving method fails a protocol test whose message names the method to override and why; the
+    protocol section runs before the numeric tests, and a backend that failed it has its numeric tests skipped
+    with a pointer back, while a correct backend runs them."""
+    make_distribution(numpy_copy.path, "kdpm2-broken", "broken", BROKEN)
+    monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy-copy,broken")
+    result = numpy_copy.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-v", "-rs", "--pyargs", "kdpm2core.testing",
+        "-k", "test_owns_only or test_device_of or test_asarray_round_trip or test_functional_steps_equal",
+    )
+    out = result.stdout.str()
+    for words in (
+        ["owns() is False for its own asarray()", "xp is 'numpy'", "is 'array_api_compat.numpy'", "set xp to that namespace"],
+        ["device_of(x) raised AttributeError", "no attribute 'device'", "override device_of(x)"],
+        ["asarray(values, dtype=float32) gave float64", "override asarray(obj, dtype=, device=)"],
+        ["to_numpy(x) gave a ndarray of dtype object and shape ()", "0-d object array", "override to_numpy(x)"],
+    ):
+        assert all(word in out for word in words), (words, out[-6000:])
+    lines = [line for line in out.splitlines() if "::test_" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line)]
+    protocol = [i for i, line in enumerate(lines) if "test_backend_protocol.py" in line]
+    assert protocol and max(protocol) < min(i for i, line in enumerate(lines) if "test_functional_api.py" in line)
+    for name in ("wrong-xp", "no-device-of", "ignores-dtype", "object-to-numpy"):
+        assert f"backend '{name}' failed the protocol tests" in out, name
+    functional = [line for line in lines if "test_functional_steps_equal" in line and "numpy-copy-cpu-float32" in line]
+    assert len(functional) == 3 and all("PASSED" in line for line in functional), functional
+
+
+def test_plugin_new_installs_and_passes_conformance(tmp_path):
+    """``kdpm2 plugin new NAME`` writes a distribution that ``pip install -e`` installs into a fresh environment,
+    where the backend is listed with its version and passes ``kdpm2 conformance NAME`` and the generated test."""
+    from click.testing import CliRunner
+
+    from kdpm2core.cli import cli
+
+    dist = tmp_path / "kdpm2-np-example"
+    made = CliRunner().invoke(cli, ["plugin", "new", "np-example", "--directory", str(dist)])
+    assert made.exit_code == 0, made.output
+    assert "pip install -e" in made.output and (dist / "kdpm2_np_example" / "__init__.py").is_file()
+    again = CliRunner().invoke(cli, ["plugin", "new", "np-example", "--directory", str(dist)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+    # a throwaway environment layered on this one (its site-packages, .pth files included, stay importable)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import site
+
+    parents = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
+    (Path(purelib) / "_parent_environment.pth").write_text(parents)
+    env = {**os.environ, "KDPM2_LOAD_PLUGINS": "numpy,np-example"}
+
+    def run(*args):
+        return subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    installed = run("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(dist))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    listed = run("-m", "kdpm2core.cli", "backends", "--json")
+    row = {r["name"]: r for r in json.loads(listed.stdout)["backends"]}.get("np-example")
+    assert row and row["status"] == "ok" and row["version"] == np.__version__, listed.stdout + listed.stderr
+    conformance = run("-m", "kdpm2core.cli", "conformance", "np-example", "-q", "-p", "no:randomly")
+    assert conformance.returncode == 0 and " passed" in conformance.stdout, conformance.stdout[-3000:] + conformance.stderr[-3000:]
+    own_test = run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(dist / "tests"))
+    assert own_test.returncode == 0 and "1 passed" in own_test.stdout, own_test.stdout[-3000:]

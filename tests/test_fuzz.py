@@ -27,7 +27,7 @@ from kdpm2core import config as _config
 SCALE = float(os.environ.get("KDPM2_FUZZ_SCALE", "1"))
 DOCUMENTED = (ValueError, TypeError, LookupError)
 # an error is clear when it names what was wrong: a parameter, a config key, or the input's source
-NAMES = set(_config.DEFAULTS) | {"num_inference_steps", "sigmas", "num_train_timesteps", "timestep"}
+NAMES = set(_config.DEFAULTS) | {"num_inference_steps", "sigmas", "num_train_timesteps", "timestep", "_class_name", "_use_default_values"}
 
 
 def fuzz_settings(examples: int):
@@ -108,7 +108,8 @@ def check_functional_agrees(s: KDPM2DiscreteScheduler, final: np.ndarray, **requ
     except ImportError:
         return
     for plan in (
-        functional.make_plan(**request, backend="numpy", dtype="float64", **s.config),
+        # the options only: the config also lists the ones left at their defaults (_use_default_values)
+        functional.make_plan(**request, backend="numpy", dtype="float64", **{key: s.config[key] for key in _config.DEFAULTS}),
         functional.make_plan(s, dtype="float64"),
     ):
         x = np.array([-1.0, 0.5, 2.0]) * functional.init_noise_sigma(plan)

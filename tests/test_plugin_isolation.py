@@ -228,7 +228,7 @@ def broken(broken_site) -> dict:
 
 
 def test_healthy_backends_keep_working(broken, clean):
-    assert broken["lookups"]["numpy"] == "ok:ArrayAPIBackend"
+    assert broken["lookups"]["numpy"] == "ok:NumpyBackend"
     assert broken["lookups"]["torch"] == "ok:TorchBackend"
     assert broken["lookups"]["jax"] == "ok:JaxBackend"
     assert broken["final"] == clean["final"]  # bit-identical sampling next to the broken plugins
@@ -316,7 +316,7 @@ def test_first_party_name_stays_with_kdpm2(broken):
         assert "'impostor'" in refused["status"] and "kdpm2-impostor" in refused["status"]
         assert any(w.startswith("PluginWarning:") and f"{name!r} belongs to kdpm2" in w and "kdpm2-impostor" in w
                    for w in broken["warnings"]), broken["warnings"]
-    assert broken["lookups"]["numpy"] == "ok:ArrayAPIBackend" and broken["lookups"]["jax"] == "ok:JaxBackend"
+    assert broken["lookups"]["numpy"] == "ok:NumpyBackend" and broken["lookups"]["jax"] == "ok:JaxBackend"
     assert broken["lookups"]["impostor"] == "ok:ArrayAPIBackend"
 
 
@@ -396,7 +396,7 @@ def test_env_var_limits_loaded_plugins(broken_site, clean):
     only = probe(broken_site, ["numpy", "twin", "torch"], KDPM2_LOAD_PLUGINS="numpy, twinone")
     assert only["warnings"] == []  # the broken plugins were never imported
     assert sorted(only["report"]) == ["numpy", "twin"]
-    assert only["lookups"]["numpy"] == "ok:ArrayAPIBackend"
+    assert only["lookups"]["numpy"] == "ok:NumpyBackend"
     assert only["lookups"]["twin"] == "ok:ArrayAPIBackend"  # one claimant left: no clash
     assert only["lookups"]["torch"].startswith("BackendError:") and "unknown backend 'torch'" in only["lookups"]["torch"]
     assert only["final"] == clean["final"]

@@ -265,18 +265,6 @@ def test_add_noise_in_low_precision_matches_diffusers(dtypes):
         assert_add_noise_matches(got, expected, noise, ours, ref, sigma_dtype=x.dtype)
 
 
-def test_step_output_reads_like_diffusers_output():
-    scheduler = KDPM2DiscreteScheduler(backend="torch")
-    scheduler.set_timesteps(5)
-    x = torch.from_numpy(initial_noise(SHAPE))
-    out = scheduler.step(x, scheduler.timesteps[0], x)
-    prev, pred = out  # a tuple of two, as return_dict=False gives
-    assert out["prev_sample"] is out.prev_sample is out[0] is prev and out["pred_original_sample"] is pred
-    assert out.to_tuple() == (prev, pred) and out[:1] == (prev,)
-    with pytest.raises(KeyError, match="prev_sample"):
-        out["sample"]
-
-
 # ---- the duplicate-timestep rule for the first step ------------------------------------------------------------
 def test_duplicate_timesteps_first_step_rule(backend_name):
     """Karras sigmas with many steps round several timesteps to the same integer. Starting a loop at such a

@@ -22,7 +22,12 @@ import tempfile
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, KDPM2DiscreteScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    KDPM2DiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -39,6 +44,22 @@ SCHEDULER_CONFIG = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "steps_offset": 1,  # as in SD checkpoints; avoids the pipeline's config patch
+}
+
+# the scheduler_config.json of Stable Diffusion 1.5 as published (a PNDM config written by diffusers 0.6.0):
+# the starting point of users who swap schedulers
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
 }
 
 _BOS = "<|startoftext|>"
@@ -133,6 +154,11 @@ def tiny_vae():
 def kdpm2_scheduler():
     """Return diffusers' ``KDPM2DiscreteScheduler`` with a Stable-Diffusion config."""
     return KDPM2DiscreteScheduler(**SCHEDULER_CONFIG)
+
+
+def sd15_scheduler():
+    """diffusers' ``PNDMScheduler`` as ``from_pretrained`` builds it from Stable Diffusion 1.5's config."""
+    return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
 
 def _components(unet_in_channels, seed):

@@ -11,16 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdpm2core.backend import ArrayAPIBackend
-from kdpm2core.functional import PlanInfo
-
-#: whether no JAX trace is running (JAX has no public test for it; without one, no trace is detected)
-_trace_state_clean = getattr(getattr(jax, "_src", None) and jax._src.core, "trace_state_clean", lambda: True)
-
-# a plan's host-side facts carry no arrays: static, so that a Plan can be an argument of jax.jit or vmap
-try:
-    jax.tree_util.register_static(PlanInfo)
-except ValueError:  # already registered (this module was reloaded)
-    pass
 
 
 class JaxBackend(ArrayAPIBackend):
@@ -77,11 +67,12 @@ class JaxBackend(ArrayAPIBackend):
     def loop(self, n, body, carry):
         return jax.lax.fori_loop(0, n, body, carry)
 
-    def compiling(self):
-        """The stateful scheduler asks this on every call. Under a JAX trace (``jit``, ``scan``, ``vmap``) its
-        Python state, the step index and the stored sample, would be read once and frozen into the traced
-        function, which then replays the first substep's coefficients: refuse, pointing at the functional API."""
-        if not _trace_state_clean():
+    def compiling(self, *arrays):
+        """The stateful scheduler asks this on every call, with its array arguments. Under a JAX trace
+        (``jit``, ``scan``, ``vmap``) they are tracers, and the scheduler's Python state, the step index and the
+        stored sample, would be read once and frozen into the traced function, which then replays the first
+        substep's coefficients: refuse, pointing at the functional API."""
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
             raise RuntimeError(
                 "KDPM2DiscreteScheduler cannot run inside jax.jit, lax.scan or vmap: its step index is Python "
                 "state, which a trace reads once. Use kdpm2core.functional (make_plan, sample, or init/step), "

@@ -4,12 +4,9 @@ from kdpm2core.hookspecs import hookimpl
 
 
 def make_backend():
-    """The NumPy backend: every default of :class:`kdpm2core.backend.ArrayAPIBackend` fits NumPy as is."""
-    import array_api_compat.numpy
+    from kdpm2_numpy.backend import NumpyBackend
 
-    from kdpm2core.backend import ArrayAPIBackend
-
-    return ArrayAPIBackend("numpy", array_api_compat.numpy)
+    return NumpyBackend()
 
 
 @hookimpl

@@ -5,11 +5,13 @@ or :func:`run`; a plain ``pytest`` in the kdpm2 repository runs it on every inst
 device x dtype matrix comes from the plugin registry (:mod:`kdpm2core.testing.plugin`). The suite needs
 pytest, hypothesis and NumPy; it never imports diffusers, torch or jax unless the backend under test does.
 
-Modules: ``test_backend_protocol`` (the backend object), ``test_diffusers_reference`` (stored diffusers data
-over 512 option combinations), ``test_exact`` (an independent float64 reference and a Gaussian with an exact
-solution: convergence order), ``test_properties`` (hypothesis invariants), ``test_sampling`` (shapes, dtypes,
-devices, no in-place writes, agreement with NumPy), ``test_scheduler_api`` (``scale_model_input``,
-``add_noise``, ``set_begin_index``, config round trips).
+Modules: ``test_backend_protocol`` (the backend object; run first, see :mod:`kdpm2core.testing.plugin`),
+``test_diffusers_reference`` (stored diffusers data over 512 option combinations), ``test_exact`` (an
+independent float64 reference and a Gaussian with an exact solution: convergence order), ``test_properties``
+(hypothesis invariants), ``test_sampling`` (shapes, dtypes, devices, no in-place writes, agreement with NumPy),
+``test_scheduler_api`` (``scale_model_input``, ``add_noise``, ``set_begin_index``, config round trips),
+``test_functional_api`` (the functional API against the scheduler, churn, ``start=``, ``out=``),
+``test_checkpoints`` (save, load and resume).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["BETAS", "SPACINGS", "FAMILIES", "PREDICTIONS", "STEPS", "grid", "trained_betas", "toy_model", "NOISE", "ORIGINAL", "ORIGINAL_NOISE", "load"]
+__all__ = ["BETAS", "SPACINGS", "FAMILIES", "PREDICTIONS", "STEPS", "grid", "trained_betas", "toy_model", "array_toy_model", "NOISE", "ORIGINAL", "ORIGINAL_NOISE", "load"]
 
 DATA_FILE = "diffusers_reference.npz"
 
@@ -76,6 +76,17 @@ def toy_model(x_in, t: float, *, xp):
     diffusers generator (torch) and on every backend under test.
     """
     return xp.tanh(x_in) * (0.5 + t / 1000.0) + 0.1 * x_in
+
+
+def array_toy_model(xp):
+    """:func:`toy_model` for a timestep given as a 0-d array (what the functional API's ``model_inputs`` and
+    ``scheduler.timesteps[k]`` give): the timestep's factor is cast to the input's dtype, so the output keeps
+    it, and the whole model traces under a compiled loop."""
+
+    def model(x_in, t):
+        return xp.tanh(x_in) * xp.astype(0.5 + t / 1000.0, x_in.dtype) + 0.1 * x_in
+
+    return model
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,10 @@ cannot run is still listed, with a skip marker that says why; a backend may decl
 function's name (every parametrization) or a full test name such as ``test_normal[mine-cpu-float16]`` (that
 one); a key that names no test is a usage error.
 
+The protocol section (``test_backend_protocol``, the backend object's own methods) runs before every other
+test. Once a backend fails one of its tests, that backend's other tests are skipped, naming them: they would
+fail for the same cause with messages far from it, while a protocol failure says which method to override.
+
 Tests receive ``kdpm2_target`` (a :class:`~kdpm2core.testing.support.Target`) or ``kdpm2_case`` (a
 :class:`~kdpm2core.testing.support.Case`). Outside those two parameters this plugin does nothing, so loading it
 in unrelated pytest sessions costs nothing.
@@ -117,9 +121,19 @@ def _target_of(item) -> Target | None:
     return params.get("kdpm2_case") or params.get("kdpm2_target")
 
 
+PROTOCOL = Path(__file__).parent / "test_backend_protocol.py"  #: the protocol section, run first
+_PROTOCOL_FAILURES = pytest.StashKey[dict]()  # backend name -> names of the protocol tests it failed
+
+
+def _is_protocol(item) -> bool:
+    return Path(item.path) == PROTOCOL
+
+
 @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: a key is checked against every collected test
 def pytest_collection_modifyitems(config, items):
-    """Each backend's ``conformance_xfail``: every key must name a test; the tests it names become strict xfails."""
+    """The protocol section runs first; then each backend's ``conformance_xfail``: every key must name a test,
+    and the tests it names become strict xfails."""
+    items.sort(key=lambda item: not _is_protocol(item))  # stable: the rest keep their order
     collected: dict[str, tuple[object, list]] = {}  # backend name -> (backend, its items)
     for item in items:
         target = _target_of(item)
@@ -154,6 +168,26 @@ def _check_known_failures(backend_name: str, known, items) -> None:
                 f"backend {backend_name!r}: conformance_xfail key {key!r} names no parametrization of {function} "
                 f"on this backend; its test names are like {', '.join(examples)}"
             )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember which backends failed a protocol test (the backend object itself misbehaves)."""
+    report = yield
+    target = _target_of(item)
+    if report.failed and target is not None and _is_protocol(item):
+        item.config.stash.setdefault(_PROTOCOL_FAILURES, {}).setdefault(target.backend_name, []).append(item.name)
+    return report
+
+
+def pytest_runtest_setup(item):
+    """Skip a backend's numeric tests once it failed a protocol test: they would fail for the same reason, far
+    from it; the protocol failures, reported first, say which method to override."""
+    target = _target_of(item)
+    failed = item.config.stash.get(_PROTOCOL_FAILURES, {}).get(getattr(target, "backend_name", None))
+    if failed and not _is_protocol(item):
+        shown = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+        pytest.skip(f"backend {target.backend_name!r} failed the protocol tests ({shown}): fix those first")
 
 
 def _loaded(request):

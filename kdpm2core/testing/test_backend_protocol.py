@@ -1,4 +1,9 @@
-"""The backend object itself: the Protocol the scheduler relies on, checked through its own methods."""
+"""The backend object itself: the Protocol the scheduler relies on, checked through its own methods.
+
+This is the suite's protocol section: it runs first, and once a backend fails here its other tests are skipped
+(see :mod:`kdpm2core.testing.plugin`). A failure here says which method to override and why; the methods and
+when to override them are listed in docs/plugins.md.
+"""
 
 import numpy as np
 import pytest
@@ -18,12 +23,54 @@ def test_protocol_attributes(kdpm2_target):
 
 def test_owns_only_its_arrays(kdpm2_target):
     x = kdpm2_target.asarray([1.0, 2.0], "float32")
-    assert kdpm2_target.backend.owns(x), f"{kdpm2_target.label}: owns() is False for its own asarray()"
+    assert kdpm2_target.backend.owns(x), f"{kdpm2_target.label}: owns() is False for its own asarray(): {_why_not_owned(kdpm2_target, x)}"
     assert not kdpm2_target.backend.owns([1.0, 2.0]), f"{kdpm2_target.label}: owns() accepts a list"
     if not isinstance(x, np.ndarray):  # a backend whose arrays are NumPy's (under any name) owns them
         assert not kdpm2_target.backend.owns(np.zeros(2)), (
             f"{kdpm2_target.label}: owns() accepts a NumPy array, but its own arrays are {type(x).__qualname__}"
         )
+
+
+def _why_not_owned(target, x) -> str:
+    """What to fix when ``owns(x)`` is False for the backend's own array ``x``."""
+    import array_api_compat
+
+    kind = f"{type(x).__module__}.{type(x).__qualname__}"
+    try:
+        namespace = array_api_compat.array_namespace(x)
+    except TypeError:
+        return (f"array_api_compat.array_namespace() knows no namespace for {kind}, so the default owns() cannot "
+                "see it; override owns(x) with a type check (look the type up through sys.modules, so that "
+                "nothing is imported)")
+    if namespace is not target.backend.xp:
+        return (f"xp is {getattr(target.backend.xp, '__name__', target.backend.xp)!r} but "
+                f"array_api_compat.array_namespace() of a {kind} is {getattr(namespace, '__name__', namespace)!r}; "
+                "set xp to that namespace: the default owns() compares the two, and every step would refuse the "
+                "sample as 'not an array of backend ...'")
+    return "override owns(x) so that it accepts the arrays asarray() returns"
+
+
+def test_device_of_places_arrays_beside_their_input(kdpm2_target):
+    """The scheduler puts new arrays (``add_noise``'s sigmas, a plan's tables) on ``device_of(x)`` of its input."""
+    backend = kdpm2_target.backend
+    x = kdpm2_target.asarray([1.0, 2.0], "float32")
+    kind = f"{type(x).__module__}.{type(x).__qualname__}"
+    try:
+        device = backend.device_of(x)
+    except Exception as exc:  # noqa: BLE001 -- whatever a broken backend raises, the message names the fix
+        pytest.fail(
+            f"{kdpm2_target.label}: device_of(x) raised {exc!r} for a {kind}. The default reads x.device (through "
+            "array_api_compat.device); if your arrays have no .device attribute, override device_of(x) to return "
+            "what asarray(device=) accepts (None for a library with a single device)", pytrace=False)
+    try:
+        y = backend.asarray(np.zeros(2), dtype=backend.dtype("float32"), device=device)
+    except Exception as exc:  # noqa: BLE001 -- as above
+        pytest.fail(f"{kdpm2_target.label}: asarray(device=device_of(x)) raised {exc!r} for device_of(x) = {device!r}: "
+                    "device_of must return a device that asarray(device=) accepts", pytrace=False)
+    assert backend.device_of(y) == device, (
+        f"{kdpm2_target.label}: asarray(device={device!r}) made an array on {backend.device_of(y)!r}; override "
+        "asarray(obj, dtype=, device=) to place it there"
+    )
 
 
 def test_bad_device_and_dtype_are_clear_errors(kdpm2_target):
@@ -35,8 +82,21 @@ def test_bad_device_and_dtype_are_clear_errors(kdpm2_target):
 
 def test_asarray_round_trip(kdpm2_case):
     values = np.array([[-1.5, 0.0, 0.25], [3.0, 0.125, 7.5]])  # exact in every float dtype
+    backend = kdpm2_case.backend
     x = kdpm2_case.array(values)
-    device = kdpm2_case.backend.device_of(kdpm2_case.array(0.0))
+    assert x.dtype == kdpm2_case.dtype, (
+        f"{kdpm2_case.label}: asarray(values, dtype={kdpm2_case.dtype_name}) gave {x.dtype}; override "
+        "asarray(obj, dtype=, device=) so that it casts to dtype (plans and schedules are made in the working "
+        "dtype through it)"
+    )
+    host = backend.to_numpy(x)
+    assert isinstance(host, np.ndarray) and host.dtype != object and host.shape == values.shape, (
+        f"{kdpm2_case.label}: to_numpy(x) gave a {type(host).__qualname__} of dtype {getattr(host, 'dtype', '?')} "
+        f"and shape {getattr(host, 'shape', '?')} for a {values.shape} array. The default, numpy.asarray(x), "
+        f"wraps an array it does not understand in a 0-d object array; override to_numpy(x) to return a host "
+        "copy (np.from_dlpack(x), x.compute(), x.cpu().numpy(), ...)"
+    )
+    device = backend.device_of(kdpm2_case.array(0.0))
     assert_close(x, values, kdpm2_case, what="asarray/to_numpy", rtol=0, atol=0, device=device)
 
 

@@ -1,0 +1,83 @@
+"""The one linear combination of a substep (kdpm2core.backend.ArrayAPIBackend.lincomb) on every installed
+backend: its 0/1 shortcuts keep Python-float rows (the stateful scheduler) and 0-d array rows (the functional
+API) bit-identical, NumPy's chunked application of it gives the whole-array rule's bits, and no result is an
+input. Bit-identity is asserted only between two paths of ours that run the same operations in the same order."""
+
+from __future__ import annotations
+
+import array_api_compat.numpy
+import numpy as np
+import pytest
+
+import kdpm2core
+from kdpm2core.backend import ArrayAPIBackend
+
+from conftest import initial_noise
+
+# (a, b, c, p, q): Euler and midpoint rows of each prediction type, and every zero/one pattern the rule treats
+# apart (dropped zero terms, a skipped leading multiply, a coefficient 1 after it, no terms at all)
+ROWS = [
+    (0.0, 1.0, -0.3, 1.0, -2.5),  # epsilon, Euler
+    (1.0, 0.0, -0.3, 1.0, -0.7),  # epsilon, midpoint
+    (0.0, 0.97, -0.31, 0.4, -0.6),  # v_prediction, Euler
+    (1.0, 0.21, -0.33, 0.4, -0.6),  # v_prediction, midpoint: three terms after a leading 1
+    (0.5, 0.21, -0.33, 0.4, -0.6),  # three terms, no leading 1
+    (0.0, 0.3, 0.7, 0.0, 1.0),  # sample prediction, Euler: pred is model_output * 1
+    (1.0, 0.3, 0.7, 0.0, 1.0),  # sample prediction, midpoint
+    (0.0, 0.0, 1.0, 0.0, 1.0),  # sample prediction, the last substep: both outputs are model_output * 1
+    (1.0, 0.21, 0.0, 0.0, 0.0),  # a zero last term; no pred terms at all (zeros)
+    (0.0, 0.0, 0.0, 2.0, 0.0),  # no prev terms
+    (1.0, 1.0, 1.0, 1.0, 1.0),  # leading 1 with ones after it
+]
+
+
+def test_rows_cover_what_schedulers_produce():
+    """ROWS above include every zero/one pattern the shipped schedules produce."""
+    seen = set()
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        s = kdpm2core.KDPM2DiscreteScheduler(prediction_type=prediction_type)
+        s.set_timesteps(10)
+        for row in s.schedule.table.tolist():
+            seen.add(tuple((v == 0.0, v == 1.0) for v in row[:5]))
+    listed = {tuple((v == 0.0, v == 1.0) for v in row) for row in ROWS}
+    assert seen <= listed, seen - listed
+
+
+INSTALLED = [name for name in ("numpy", "torch", "jax", "array-api-strict", "dask") if name in kdpm2core.available_backends()]
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_float_and_array_coefficients_give_the_same_bits(name):
+    """Each row as Python floats, and as 0-d float32 arrays of the backend (nothing dropped, nothing skipped):
+    the same bits for both outputs, inputs unchanged, and no output that is one of the inputs."""
+    backend = kdpm2core.get_backend(name)
+    host = [initial_noise((3, 5), seed) for seed in (1, 2, 3)]
+    stored, sample, model_output = (backend.asarray(x) for x in host)
+    for row in ROWS:
+        floats = backend.update(*row, stored, sample, model_output)
+        arrays = backend.update(*(backend.asarray(v, dtype=backend.dtype("float32")) for v in row), stored, sample, model_output)
+        for name_, x, y in zip(("prev", "pred"), floats, arrays):
+            assert np.array_equal(backend.to_numpy(x), backend.to_numpy(y)), (row, name_)
+            assert all(x is not given for given in (stored, sample, model_output)), (row, name_)
+    for x, values in zip((stored, sample, model_output), host):
+        assert np.array_equal(backend.to_numpy(x), values), "update() modified an input"
+
+
+@pytest.mark.parametrize("n", [7, 32_768, 100_003])  # one chunk, exactly one, several with a tail
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_chunks_give_the_whole_array_rule(n, dtype):
+    """The NumPy backend applies the core's rule slice by slice with ufuncs writing into the result; the
+    generic rule on whole arrays (same operations, same order) gives the same bits, for every row and into
+    an out= buffer too."""
+    numpy_backend = kdpm2core.get_backend("numpy")
+    generic = ArrayAPIBackend("generic-numpy", array_api_compat.numpy)
+    stored, sample, model_output = (initial_noise((n,), seed).astype(dtype) for seed in (4, 5, 6))
+    for row in ROWS:
+        expected = generic.update(*row, stored, sample, model_output)
+        fresh = numpy_backend.update(*row, stored, sample, model_output)
+        buffers = (np.empty_like(sample), np.empty_like(sample))
+        into = numpy_backend.update(*row, stored, sample, model_output, out=buffers)
+        assert into[0] is buffers[0] and into[1] is buffers[1]
+        for k in range(2):
+            assert fresh[k].dtype == dtype and np.array_equal(fresh[k], expected[k]), (row, k)
+            assert np.array_equal(into[k], expected[k]), (row, k)
