@@ -2,13 +2,15 @@
 schedules, run the conformance suite and start a backend plugin.
 
 User errors (an unknown backend, a bad option) print one line and exit with status 2; Ctrl-C exits with
-status 130. Both without a traceback. Needs the ``cli`` extra (click, tqdm, matplotlib).
+status 130. Both without a traceback. A missing optional part (matplotlib for ``--plot``, a backend's framework,
+pytest for ``conformance``) is such a user error, naming the extra that installs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -102,7 +104,10 @@ def _check_plot(ctx, param, path: str | None) -> str | None:
     """The file --plot will write, checked before any work: its folder exists and matplotlib writes its format."""
     if path is None:
         return None
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise click.BadParameter("needs matplotlib, which is not installed (pip install 'kdpm2[cli]')", ctx, param) from None
 
     folder, name = os.path.split(path)
     if folder and not os.path.isdir(folder):
@@ -525,6 +530,9 @@ def conformance(backend_name, pytest_args):
     """Run the conformance suite on backend NAME; extra arguments go to pytest (e.g. -x -q)."""
     with user_errors():
         get_backend(backend_name)
+    missing = [module for module in ("pytest", "hypothesis") if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"the conformance suite needs {', '.join(missing)}, not installed (pip install 'kdpm2[test]')")
     try:
         from kdpm2core.testing import run
     except ImportError as exc:

@@ -240,8 +240,9 @@ def get_backend(name: str | None = None):
         if entry.instance is None:
             missing = [module for module in entry.requires if not _findable(module)]
             if missing:
+                extra = f" (pip install 'kdpm2[{name}]')" if entry.distribution == FIRST_PARTY else ""
                 raise BackendError(
-                    f"backend {name!r} needs {', '.join(missing)}, which is not installed; "
+                    f"backend {name!r} needs {', '.join(missing)}, which is not installed{extra}; "
                     f"available backends: {', '.join(available_backends()) or 'none'}"
                 )
             source = f"plugin {entry.plugin!r}, distribution {entry.distribution!r}"

@@ -420,6 +420,12 @@ class KDPM2DiscreteScheduler:
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
+        if self._owns(timestep) and self._compiling(timestep):  # traced: its value is known on the device only
+            raise RuntimeError(
+                "under torch.compile the scheduler cannot find the first timestep in the schedule without a host "
+                "sync: call scheduler.set_begin_index(0) (or the substep to start at) before the loop, as diffusers "
+                "pipelines do; see 'torch.compile the stateful loop' in docs/torch.md"
+            )
         # the usual first timestep (scheduler.timesteps[0], or its value as a number) costs one comparison,
         # instead of a conversion to the host and a search of the schedule
         if type(timestep) in (int, float) or (self._owns(timestep) and getattr(timestep, "ndim", None) == 0):

@@ -34,34 +34,47 @@ def _model(scaled, timestep):
     return torch.tanh(0.7 * scaled) + 0.2 * scaled * torch.sin(timestep / 200.0)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_stateful_loop_compiles_into_at_most_four_graphs(prediction_type):
-    def run(compiler):
-        scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", prediction_type=prediction_type)
-        scheduler.set_timesteps(25)
+def _loop(compiler, *, closure=False, begin_index=True, fullgraph=True, prediction_type="epsilon"):
+    """A 25-step loop of the stateful scheduler; its body is compiled with ``compiler`` (None: eager) and takes
+    the scheduler as an argument, or captures it from the enclosing scope (``closure``), as users often write it.
+    Returns ``(scaled, prev, pred)`` of every substep."""
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", prediction_type=prediction_type)
+    scheduler.set_timesteps(25)
+    if begin_index:
         scheduler.set_begin_index(0)  # as pipelines do; the timestep look-up reads the host otherwise
 
-        def substep(scheduler, x, t):
-            scaled = scheduler.scale_model_input(x, t)
-            return scaled, scheduler.step(_model(scaled, t), t, x, return_dict=False)
+    def substep(scheduler, x, t):
+        scaled = scheduler.scale_model_input(x, t)
+        return scaled, scheduler.step(_model(scaled, t), t, x, return_dict=False)
 
-        if compiler is not None:
-            torch._dynamo.reset()
-            substep = torch.compile(substep, backend=compiler, fullgraph=True)
-        x = torch.from_numpy(initial_noise((1, 4, 8, 8)) * scheduler.init_noise_sigma)
-        history = []
-        for t in scheduler.timesteps:
-            scaled, (x, pred) = substep(scheduler, x, t)
-            history.append((scaled, x, pred))
-        assert scheduler.step_index == len(scheduler.timesteps) == 49
-        return history
+    def body(x, t):
+        return substep(scheduler, x, t)
 
-    counter = GraphCounter()
-    compiled, eager = run(counter), run(None)
-    assert 1 <= counter.graphs <= 4, f"{counter.graphs} graphs for one 25-step loop"
+    body, arguments = (body, ()) if closure else (substep, (scheduler,))
+    if compiler is not None:
+        torch._dynamo.reset()
+        body = torch.compile(body, backend=compiler, fullgraph=fullgraph)
+    x = torch.from_numpy(initial_noise((1, 4, 8, 8)) * scheduler.init_noise_sigma)
+    history = []
+    for t in scheduler.timesteps:
+        scaled, (x, pred) = body(*arguments, x, t)
+        history.append((scaled, x, pred))
+    assert scheduler.step_index == len(scheduler.timesteps) == 49
+    return history
+
+
+def _assert_same_substeps(compiled, eager):
     for k, (ours, reference) in enumerate(zip(compiled, eager)):
-        for a, b in zip(ours, reference):
-            assert torch.equal(a, b), f"substep {k} differs from eager"
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference)), f"substep {k} differs from eager"
+
+
+@pytest.mark.parametrize("closure", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stateful_loop_compiles_into_at_most_four_graphs(prediction_type, closure):
+    counter = GraphCounter()
+    compiled = _loop(counter, closure=closure, prediction_type=prediction_type)
+    assert 1 <= counter.graphs <= 4, f"{counter.graphs} graphs for one 25-step loop: a recompilation per substep"
+    _assert_same_substeps(compiled, _loop(None, prediction_type=prediction_type))
 
 
 def test_functional_step_compiles_into_one_graph():
@@ -122,3 +135,22 @@ def test_dynamic_shapes_compile_for_both_apis():
             (x, _), state = compiled_functional(state, x)
             (y, _), reference = functional(reference, y)
             assert torch.equal(x, y), shape
+
+
+
+def test_closure_without_begin_index_asks_for_it():
+    """The first substep must find the timestep in the schedule, which a traced timestep allows only with a host
+    sync: kdpm2 stops with its own one-line message. Under fullgraph=True Dynamo reports an exception raised while
+    tracing as an "Observed exception" whose context is that message; without fullgraph the message itself
+    reaches the caller, unless Dynamo runs the look-up eagerly at a graph break: then the eager numbers."""
+    with pytest.raises(Exception) as raised:
+        _loop(GraphCounter(), closure=True, begin_index=False)
+    assert "call scheduler.set_begin_index(0)" in str(raised.value), str(raised.value)
+    assert "'torch.compile the stateful loop' in docs/torch.md" in str(raised.value)
+    assert "Could not guard on data-dependent expression" not in str(raised.value)
+    try:
+        compiled = _loop(GraphCounter(), closure=True, begin_index=False, fullgraph=False)
+    except RuntimeError as exc:
+        assert str(exc).startswith("under torch.compile the scheduler cannot find") and "\n" not in str(exc), str(exc)
+    else:
+        _assert_same_substeps(compiled, _loop(None, begin_index=False))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, scheduler_options, synthetic_model
+from float32_bounds import U, assert_within, midpoint_timestep_bound, sigma_to_t_bound
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
@@ -177,6 +178,26 @@ def test_repeated_first_timestep(backend_name):
     # (diffusers 0.42's final x_ref is all NaN; not asserted, so that a diffusers fix does not fail us)
 
 
+def assert_add_noise_matches(got, expected, noise, ours: KDPM2DiscreteScheduler, ref, sigma_dtype=None) -> None:
+    """diffusers' ``add_noise`` is ``x + noise * sigma``, the float32 sigma rounded to the samples' dtype
+    (``sigma_dtype``, default float32): one multiply and one add, as ours, so the same sigma gives the same bits.
+    The two schedules' sigmas may differ by the ulps test_schedule_parity bounds (torch's float32 pow against our
+    correctly rounded square root); that moves each product by at most ``|noise|`` times the difference, and
+    each side rounds product and sum to nearest (at most ``eps / 2`` of each value, eps of the result dtype)."""
+    sigma_dtype = sigma_dtype or torch.float32
+    ours_sigmas = torch.tensor(ours.backend.to_numpy(ours.sigmas)).to(sigma_dtype).double()
+    ref_sigmas = ref.sigmas.to(sigma_dtype).double()
+    gap = float((ours_sigmas - ref_sigmas).abs().max())
+    got, expected, noise = (v if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in (got, expected, noise))
+    if gap == 0:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        return
+    eps = torch.finfo(expected.dtype).eps
+    noise, product_scale = noise.double().abs(), float(ref_sigmas.max())
+    bound = noise * gap + eps * (noise * product_scale + expected.double().abs())
+    assert_within(got.double().numpy(), expected.double().numpy(), bound.numpy(), "add_noise")
+
+
 # ---- img2img: set_begin_index + add_noise ---------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [GRID[0], GRID[5]], ids=_id)
 def test_img2img_start_matches_diffusers(kw, backend_name):
@@ -203,7 +224,7 @@ def test_add_noise_mid_loop_uses_the_current_substep(backend_name):
     assert ours.step_index == ref.step_index == 5
     expected = ref.add_noise(torch.from_numpy(x), torch.from_numpy(noise), ref.timesteps[5:6]).numpy()
     got = b.to_numpy(ours.add_noise(b.asarray(x), b.asarray(noise), ours.timesteps[5:6]))
-    np.testing.assert_array_equal(got, expected)
+    assert_add_noise_matches(got, expected, noise, ours, ref)
 
 
 # ---- training: add_noise with a different timestep per sample -------------------------------------------------
@@ -220,11 +241,11 @@ def test_add_noise_per_sample_timesteps(backend_kind):
     integer_t = torch.tensor([901, 651, 601, 1, 401])
     expected = ref.add_noise(torch.from_numpy(x), torch.from_numpy(noise), integer_t).numpy()
     got = b.to_numpy(ours.add_noise(b.asarray(x), b.asarray(noise), b.asarray(integer_t.numpy())))
-    np.testing.assert_array_equal(got, expected)
+    assert_add_noise_matches(got, expected, noise, ours, ref)
     # each scheduler's own timesteps, fractional midpoints included
     expected = ref.add_noise(torch.from_numpy(x), torch.from_numpy(noise), ref.timesteps[picks]).numpy()
     got = b.to_numpy(ours.add_noise(b.asarray(x), b.asarray(noise), ours.timesteps[picks]))
-    np.testing.assert_array_equal(got, expected)
+    assert_add_noise_matches(got, expected, noise, ours, ref)
 
 
 @pytest.mark.parametrize("dtypes", [("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "float16")])
@@ -241,7 +262,7 @@ def test_add_noise_in_low_precision_matches_diffusers(dtypes):
         expected = ref.add_noise(x, noise, ref.timesteps[picks])
         got = ours.add_noise(x, noise, ours.timesteps[picks])
         assert got.dtype == expected.dtype == x.dtype
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert_add_noise_matches(got, expected, noise, ours, ref, sigma_dtype=x.dtype)
 
 
 # ---- the duplicate-timestep rule for the first step ------------------------------------------------------------
@@ -420,8 +441,15 @@ def test_custom_sigmas_reproduce_diffusers_sigma_family(family, backend_name):
     ours.set_timesteps(sigmas=step_sigmas)
     b = ours.backend
     assert ours.num_inference_steps == 20 and len(ours.timesteps) == len(ref.timesteps) == 39
-    np.testing.assert_array_equal(b.to_numpy(ours.sigmas), ref.sigmas.numpy())
-    np.testing.assert_allclose(b.to_numpy(ours.timesteps), ref.timesteps.numpy(), rtol=0, atol=2 * np.spacing(np.float32(1000)))
+    sigmas, timesteps, expected_t = b.to_numpy(ours.sigmas), b.to_numpy(ours.timesteps), ref.timesteps.numpy()
+    np.testing.assert_array_equal(sigmas, ref.sigmas.numpy())  # the float32 values we were given
+    # step timesteps: the same float64 map through the training log-sigma table, of diffusers' float64 sigma on
+    # its side and of that sigma rounded to float32 (U more in log sigma) on ours; midpoints: see float32_bounds
+    our_log, ref_log = ours._training_table().log_sigmas, ref.log_sigmas.numpy()
+    steps = sigma_to_t_bound(timesteps[0::2], U, our_log, ref_log, float32_map=False)
+    assert_within(timesteps[0::2], expected_t[0::2], steps, "step timesteps")
+    midpoints = midpoint_timestep_bound(timesteps[1::2], sigmas[0:-2:2], ref.sigmas.numpy()[0:-2:2], our_log, ref_log)
+    assert_within(timesteps[1::2], expected_t[1::2], midpoints, "midpoint timesteps")
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-7)
     x_ref = torch.from_numpy(initial_noise(SHAPE)) * ref.init_noise_sigma
     x_ours = b.asarray(initial_noise(SHAPE)) * ours.init_noise_sigma
