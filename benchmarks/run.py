@@ -126,10 +126,33 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
     target = 0.5 if big else 0.33
     # the substep targets are set for torch CPU; the large one for a malloc that keeps freed memory
     judged = torch.device(device).type == "cpu" and (not big or os.environ.get("GLIBC_TUNABLES") == NO_PAGE_FAULTS)
-    rows = [row(f"substep ({label}, {device})", per["ours"], per["diffusers"], target, judged=judged, note="scale_model_input + step")]
+    rows = [
+        row(
+            f"substep ({label}, {device})",
+            per["ours"],
+            per["diffusers"],
+            target,
+            judged=judged,
+            note="scale_model_input + step",
+        )
+    ]
     if floor:
-        rows.append(row(f"step vs memory floor ({label})", per["ours step only"], per["floor"], note="floor: read 2 + write 2 arrays"))
-        rows.append(row(f"substep vs memory floor ({label})", per["ours"], per["floor"], note="scale_model_input reads 1 + writes 1 more"))
+        rows.append(
+            row(
+                f"step vs memory floor ({label})",
+                per["ours step only"],
+                per["floor"],
+                note="floor: read 2 + write 2 arrays",
+            )
+        )
+        rows.append(
+            row(
+                f"substep vs memory floor ({label})",
+                per["ours"],
+                per["floor"],
+                note="scale_model_input reads 1 + writes 1 more",
+            )
+        )
     return rows
 
 
@@ -167,7 +190,9 @@ def set_timesteps_row(repeats) -> dict:
 
     ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch", use_karras_sigmas=True)
     theirs = Diffusers(use_karras_sigmas=True)
-    times = interleaved({"ours": lambda: ours.set_timesteps(1000), "diffusers": lambda: theirs.set_timesteps(1000)}, repeats)
+    times = interleaved(
+        {"ours": lambda: ours.set_timesteps(1000), "diffusers": lambda: theirs.set_timesteps(1000)}, repeats
+    )
     return row("set_timesteps(1000), Karras", times["ours"], times["diffusers"], 0.1)
 
 
@@ -186,7 +211,15 @@ def cold_start_row(repeats) -> dict:
         return run
 
     times = interleaved({"ours": command(OURS_COLD), "diffusers": command(DIFFUSERS_COLD)}, repeats)
-    return row("cold start (new interpreter)", times["ours"], times["diffusers"], 0.15, unit="s", scale=1.0, note="ours imports neither torch nor jax")
+    return row(
+        "cold start (new interpreter)",
+        times["ours"],
+        times["diffusers"],
+        0.15,
+        unit="s",
+        scale=1.0,
+        note="ours imports neither torch nor jax",
+    )
 
 
 # -- JAX: jitted whole loop against the eager stateful loop -------------------------------------------------------------
@@ -218,7 +251,14 @@ def jax_row(repeats, device=None) -> dict:
     times = interleaved({"jit": compiled, "eager": eager}, repeats)
     platform_name = jax.devices()[0].platform
     # reported as eager / jit: a speed-up, to be at least 5
-    return row(f"jax loop speed-up, 1x4x32x32 ({platform_name})", times["eager"], times["jit"], 5, kind="min", note="eager stateful time / jitted sample time")
+    return row(
+        f"jax loop speed-up, 1x4x32x32 ({platform_name})",
+        times["eager"],
+        times["jit"],
+        5,
+        kind="min",
+        note="eager stateful time / jitted sample time",
+    )
 
 
 # -- machine and output --------------------------------------------------------------------------------------------
@@ -268,7 +308,9 @@ def table(rows: list[dict]) -> str:
             f"{r['ratio']:>7.3f} {r['ratio_of_minima']:>9.3f} {r['target'] or '':>8}  {ok}"
         )
     if any(r["ok"] is None and r["target"] is not None for r in rows):
-        lines.append("-: shown for reference (targets are set for torch CPU; the large substep's under --no-page-faults)")
+        lines.append(
+            "-: shown for reference (targets are set for torch CPU; the large substep's under --no-page-faults)"
+        )
     return "\n".join(lines)
 
 
@@ -278,9 +320,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run; noisier figures)")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the torch rows (default: torch's)")
-    parser.add_argument("--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"])
     parser.add_argument(
-        "--no-page-faults", action="store_true",
+        "--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"]
+    )
+    parser.add_argument(
+        "--no-page-faults",
+        action="store_true",
         help="run in a new process whose malloc keeps freed memory (glibc tunables), so that neither side pays "
         "page faults for fresh arrays: diffusers allocates several per step, and by default pays them",
     )

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdpm2core import KDPM2DiscreteScheduler
-from kdpm2core import toy
+from kdpm2core import KDPM2DiscreteScheduler, toy
 from kdpm2core.cli import _figure, plot_samples, plot_schedules
 from kdpm2core.config import validate_config
 from kdpm2core.schedule import build_schedule
@@ -37,7 +36,9 @@ def geometric_betas(num: int = 1000) -> list[float]:
 
 FIGURES = {
     "steps.png": {f"{n} steps": scheduler(n) for n in (4, 10, 25)},
-    "beta_schedule.png": {name: scheduler(beta_schedule=name) for name in ("linear", "scaled_linear", "squaredcos_cap_v2")},
+    "beta_schedule.png": {
+        name: scheduler(beta_schedule=name) for name in ("linear", "scaled_linear", "squaredcos_cap_v2")
+    },
     "beta_range.png": {
         "beta_start 0.00085, beta_end 0.012 (default)": scheduler(),
         "beta_end 0.02": scheduler(beta_end=0.02),

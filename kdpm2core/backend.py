@@ -89,7 +89,9 @@ def missing_members(backend: Any) -> list[str]:
 def check_array(backend: Backend, name: str, x: Any) -> None:
     """Raise a TypeError naming the argument ``name`` unless ``x`` is an array of ``backend``."""
     if not backend.owns(x):
-        raise TypeError(f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+        raise TypeError(
+            f"{name} must be an array of backend {backend.name!r}, got {type(x).__module__}.{type(x).__name__}"
+        )
 
 
 def exactly(coef: Any, value: int) -> bool:
@@ -261,5 +263,3 @@ class ArrayAPIBackend:
 
     def compiling(self, *arrays: Array) -> bool:
         return False
-
-

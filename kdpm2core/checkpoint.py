@@ -64,7 +64,9 @@ def _save_target(directory: str | os.PathLike, backend, arrays: dict) -> Path:
         raise ValueError(f"checkpoint directory {str(directory)!r} is a file")
     for name, x in arrays.items():
         if not _ARRAY_NAME.match(name):
-            raise ValueError(f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)")
+            raise ValueError(
+                f"array name {name!r} must be an identifier starting with a letter (at most 64 characters)"
+            )
         check_array(backend, f"array {name!r}", x)
     return directory
 
@@ -134,7 +136,9 @@ def load_checkpoint(
         read[name] = _read_array(directory / f"{name}.npy", scheduler.backend, entry, placed)
     stored = manifest["stored"]
     state = dict(manifest["state"])
-    state["stored"] = None if stored is None else _read_array(directory / f"{STORED}.npy", scheduler.backend, stored, placed)
+    state["stored"] = (
+        None if stored is None else _read_array(directory / f"{STORED}.npy", scheduler.backend, stored, placed)
+    )
     scheduler.load_state_dict(state, device=device)
     return scheduler, read
 
@@ -176,7 +180,9 @@ def load_functional_checkpoint(directory: str | os.PathLike, plan) -> tuple:
     manifest = _read_manifest(path)
     expected = {"format", "backend", "plan_sha256", "arrays"}
     if set(manifest) != expected or manifest.get("format") != FUNCTIONAL_FORMAT:
-        raise ValueError(f"{STATE_FILE} is not a functional checkpoint ({FUNCTIONAL_FORMAT}) with keys {sorted(expected)}")
+        raise ValueError(
+            f"{STATE_FILE} is not a functional checkpoint ({FUNCTIONAL_FORMAT}) with keys {sorted(expected)}"
+        )
     if manifest["plan_sha256"] != _plan_digest(plan):
         raise ValueError(
             "the plan differs from the one this checkpoint was saved with (schedule, prediction type, churn, "
@@ -258,7 +264,12 @@ def _encode_array(backend, x) -> tuple[bytes, dict]:
             raise TypeError(f"cannot checkpoint dtype {x.dtype}: .npy has no such type and float32 cannot hold it")
         host = host.astype(np.float32)
     buffer = _npy_bytes(host)
-    return buffer, {"dtype": name, "host_dtype": host.dtype.str, "shape": list(host.shape), "sha256": hashlib.sha256(buffer).hexdigest()}
+    return buffer, {
+        "dtype": name,
+        "host_dtype": host.dtype.str,
+        "shape": list(host.shape),
+        "sha256": hashlib.sha256(buffer).hexdigest(),
+    }
 
 
 def _npy_bytes(host: np.ndarray) -> bytes:
@@ -323,4 +334,6 @@ def _read_array(path: Path, backend, entry, device):
     try:
         return backend.asarray(host, dtype=backend.dtype(entry["dtype"]), device=device)
     except (AssertionError, RuntimeError) as exc:  # torch without CUDA asserts, a full device raises
-        raise ValueError(f"{where} cannot be placed on device {str(device)!r} of backend {backend.name!r}: {exc}") from None
+        raise ValueError(
+            f"{where} cannot be placed on device {str(device)!r} of backend {backend.name!r}: {exc}"
+        ) from None

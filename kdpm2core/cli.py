@@ -107,7 +107,9 @@ def _check_plot(ctx, param, path: str | None) -> str | None:
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise click.BadParameter("needs matplotlib, which is not installed (pip install 'kdpm2[cli]')", ctx, param) from None
+        raise click.BadParameter(
+            "needs matplotlib, which is not installed (pip install 'kdpm2[cli]')", ctx, param
+        ) from None
 
     folder, name = os.path.split(path)
     if folder and not os.path.isdir(folder):
@@ -124,7 +126,10 @@ def _check_plot(ctx, param, path: str | None) -> str | None:
 
 def plot_option(what: str):
     return click.option(
-        "--plot", type=click.Path(dir_okay=False, writable=True), default=None, callback=_check_plot,
+        "--plot",
+        type=click.Path(dir_okay=False, writable=True),
+        default=None,
+        callback=_check_plot,
         help=f"Write {what} to this file, in the format its extension names (png, pdf, svg, ...; none: .png added).",
     )
 
@@ -140,25 +145,62 @@ def _save(fig, path: str) -> None:
 def scheduler_options(command):
     """The scheduler's configuration as command-line options."""
     options = [
-        click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1),
-                     help="Number of sampling steps (two model calls each, one for the last)."),
-        click.option("--sigmas", "sigma_family", type=click.Choice(SIGMA_FAMILIES), default="default",
-                     show_default=True,
-                     help="Sigma family: interpolated from training (default), Karras, exponential or beta."),
-        click.option("--spacing", type=click.Choice(CHOICES["timestep_spacing"]), default="linspace", show_default=True,
-                     help="Timestep spacing."),
-        click.option("--prediction-type", type=click.Choice(CHOICES["prediction_type"]), default="epsilon",
-                     show_default=True, help="What the model predicts."),
-        click.option("--beta-schedule", type=click.Choice(CHOICES["beta_schedule"]), default="linear",
-                     show_default=True, help="Training beta schedule."),
+        click.option(
+            "--steps",
+            default=25,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Number of sampling steps (two model calls each, one for the last).",
+        ),
+        click.option(
+            "--sigmas",
+            "sigma_family",
+            type=click.Choice(SIGMA_FAMILIES),
+            default="default",
+            show_default=True,
+            help="Sigma family: interpolated from training (default), Karras, exponential or beta.",
+        ),
+        click.option(
+            "--spacing",
+            type=click.Choice(CHOICES["timestep_spacing"]),
+            default="linspace",
+            show_default=True,
+            help="Timestep spacing.",
+        ),
+        click.option(
+            "--prediction-type",
+            type=click.Choice(CHOICES["prediction_type"]),
+            default="epsilon",
+            show_default=True,
+            help="What the model predicts.",
+        ),
+        click.option(
+            "--beta-schedule",
+            type=click.Choice(CHOICES["beta_schedule"]),
+            default="linear",
+            show_default=True,
+            help="Training beta schedule.",
+        ),
         click.option("--beta-start", type=float, default=None, help="First training beta [scheduler default 0.00085]."),
         click.option("--beta-end", type=float, default=None, help="Last training beta [scheduler default 0.012]."),
-        click.option("--num-train-timesteps", type=click.IntRange(min=1), default=None,
-                     help="Training timesteps [scheduler default 1000]."),
-        click.option("--steps-offset", type=click.IntRange(min=0), default=None,
-                     help="Offset added to 'leading' timesteps [default 0]."),
-        click.option("--custom-sigmas", default=None, metavar="S0,S1,...,0",
-                     help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas)."),
+        click.option(
+            "--num-train-timesteps",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Training timesteps [scheduler default 1000].",
+        ),
+        click.option(
+            "--steps-offset",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Offset added to 'leading' timesteps [default 0].",
+        ),
+        click.option(
+            "--custom-sigmas",
+            default=None,
+            metavar="S0,S1,...,0",
+            help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas).",
+        ),
     ]
     return _with_options(command, options)
 
@@ -168,10 +210,21 @@ def run_options(*, samples: int, device_help: str):
     options = [
         click.option("--device", default=None, help=device_help),
         click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Array dtype."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seed of the starting noise (drawn with NumPy)."),
-        click.option("--samples", "num_samples", type=click.IntRange(min=1), default=samples, show_default=True,
-                     help="Points per toy."),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Seed of the starting noise (drawn with NumPy).",
+        ),
+        click.option(
+            "--samples",
+            "num_samples",
+            type=click.IntRange(min=1),
+            default=samples,
+            show_default=True,
+            help="Points per toy.",
+        ),
     ]
     return lambda command: _with_options(command, options)
 
@@ -259,7 +312,12 @@ def _run_toys(scheduler, toys, opts, *, placed, device, dtype, seed, num_samples
             total = scheduler.timesteps.shape[0]
             with tqdm(total=total, desc=label, unit="call", disable=not progress, leave=False, file=sys.stderr) as bar:
                 results[name] = toy.run(
-                    name, scheduler, num_samples=num_samples, seed=seed, dtype=dtype, device=device,
+                    name,
+                    scheduler,
+                    num_samples=num_samples,
+                    seed=seed,
+                    dtype=dtype,
+                    device=device,
                     callback=lambda _: bar.update(),
                 )
     return results
@@ -311,8 +369,13 @@ def _compare_figures(row: dict) -> list[str]:
         value = row.get(key)  # absent for a row that did not run; None or NaN for a result that is not finite
         return "-" if value is None or not math.isfinite(value) else format(scale * value, form) + unit
 
-    return [show("wall_time_s", ".3f", unit=" s"), show("max_diff_mixture", ".2e"), show("max_diff_gaussian", ".2e"),
-            show("gaussian_error", ".2e"), show("within_3_std", ".1f", 100, "%")]
+    return [
+        show("wall_time_s", ".3f", unit=" s"),
+        show("max_diff_mixture", ".2e"),
+        show("max_diff_gaussian", ".2e"),
+        show("gaussian_error", ".2e"),
+        show("within_3_std", ".1f", 100, "%"),
+    ]
 
 
 def _run_settings(scheduler, opts: dict, *, device, dtype: str, seed: int, num_samples: int) -> dict:
@@ -335,8 +398,9 @@ def _public(result: dict) -> dict:
 
 
 # -- commands --------------------------------------------------------------------------------------------------
-@click.group(name="kdpm2", cls=Kdpm2Group, invoke_without_command=True,
-             context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="kdpm2", cls=Kdpm2Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="kdpm2")
 @click.pass_context
 def cli(ctx):
@@ -355,13 +419,22 @@ def backends(as_json):
     """
     rows = []
     for row in backend_report(build=True):
-        info = {"name": row["name"], "version": None, "devices": [], "float64": None,
-                "distribution": row["distribution"], "status": row["status"]}
+        info = {
+            "name": row["name"],
+            "version": None,
+            "devices": [],
+            "float64": None,
+            "distribution": row["distribution"],
+            "status": row["status"],
+        }
         if row["status"] == "ok":
             try:
                 backend = get_backend(row["name"])
-                info.update(version=_framework_version(backend, row["name"]), devices=list(backend.devices()),
-                            float64=bool(backend.float64))
+                info.update(
+                    version=_framework_version(backend, row["name"]),
+                    devices=list(backend.devices()),
+                    float64=bool(backend.float64),
+                )
             except Exception as exc:  # a broken third-party backend is a row of the table, not a crash
                 info["status"] = " ".join(f"failed: {exc}".split())  # one line: one table row
         rows.append(info)
@@ -370,19 +443,36 @@ def backends(as_json):
         return
     yes_no = {True: "yes", False: "no", None: "-"}
     table = [
-        [r["name"], r["version"] or "-", ", ".join(r["devices"]) or "-", yes_no[r["float64"]],
-         r["distribution"] or "-", r["status"]]
+        [
+            r["name"],
+            r["version"] or "-",
+            ", ".join(r["devices"]) or "-",
+            yes_no[r["float64"]],
+            r["distribution"] or "-",
+            r["status"],
+        ]
         for r in rows
     ]
     click.echo(_table(["backend", "version", "devices", "float64", "distribution", "status"], table))
 
 
 @cli.command(short_help="Sample toy models with an exact denoiser.")
-@click.option("--backend", "backend_name", default="numpy", show_default=True,
-              help="Registered backend name (see 'kdpm2 backends').")
+@click.option(
+    "--backend",
+    "backend_name",
+    default="numpy",
+    show_default=True,
+    help="Registered backend name (see 'kdpm2 backends').",
+)
 @run_options(samples=2000, device_help="Device, e.g. cpu, cuda:0, mps, gpu:0 [backend default].")
-@click.option("--toy", "toy_name", type=click.Choice(("all",) + tuple(toy.TOYS)), default="all", show_default=True,
-              help="Which toy model.")
+@click.option(
+    "--toy",
+    "toy_name",
+    type=click.Choice(("all",) + tuple(toy.TOYS)),
+    default="all",
+    show_default=True,
+    help="Which toy model.",
+)
 @scheduler_options
 @plot_option("the samples over each density, and the sigma schedule,")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -396,7 +486,14 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
     start = time.perf_counter()
     try:
         results = _run_toys(
-            scheduler, toys, opts, placed=placed, device=device, dtype=dtype, seed=seed, num_samples=num_samples,
+            scheduler,
+            toys,
+            opts,
+            placed=placed,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            num_samples=num_samples,
             progress=progress,
         )
     except MemoryError as exc:
@@ -406,14 +503,16 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
         plot_samples(plot, results, scheduler)
     model_calls = scheduler.timesteps.shape[0]
     if as_json:
-        _emit_json({
-            "backend": backend_name,
-            "version": _framework_version(backend, backend_name),
-            **_run_settings(scheduler, opts, device=device, dtype=dtype, seed=seed, num_samples=num_samples),
-            "results": {name: _public(result) for name, result in results.items()},
-            "wall_time_s": wall,
-            "plot": plot,
-        })
+        _emit_json(
+            {
+                "backend": backend_name,
+                "version": _framework_version(backend, backend_name),
+                **_run_settings(scheduler, opts, device=device, dtype=dtype, seed=seed, num_samples=num_samples),
+                "results": {name: _public(result) for name, result in results.items()},
+                "wall_time_s": wall,
+                "plot": plot,
+            }
+        )
         return
     click.echo(
         f"KDPM2 on backend {backend_name} {_framework_version(backend, backend_name)}, device {device or 'default'}, "
@@ -451,12 +550,19 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
         except Exception as exc:  # one backend failing must not hide the others' results
             rows[name] = {"backend": name, "status": f"failed: {exc!r}"}
     reference = None
-    for name, (backend, placed, scheduler) in prepared.items():
+    for name, (_backend, placed, scheduler) in prepared.items():
         row = rows[name]
         try:
             results = _run_toys(
-                scheduler, list(toy.TOYS), opts, placed=placed, device=device if name != "numpy" else None, dtype=dtype,
-                seed=seed, num_samples=num_samples, progress=False,
+                scheduler,
+                list(toy.TOYS),
+                opts,
+                placed=placed,
+                device=device if name != "numpy" else None,
+                dtype=dtype,
+                seed=seed,
+                num_samples=num_samples,
+                progress=False,
             )
         except MemoryError as exc:
             raise _out_of_memory(exc, num_samples) from None
@@ -476,14 +582,24 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
     rows = list(rows.values())
     failed = any(row["status"].startswith("failed") for row in rows)
     if as_json:
-        settings = _run_settings(reference_scheduler, opts, device=device, dtype=dtype, seed=seed,
-                                 num_samples=num_samples)
+        settings = _run_settings(
+            reference_scheduler, opts, device=device, dtype=dtype, seed=seed, num_samples=num_samples
+        )
         _emit_json({**settings, "backends": rows})
     else:
-        click.echo(f"{num_samples} points per toy, {dtype}, seed {seed}; "
-                   "differences are max |x - x_numpy| over all coordinates")
-        headers = ["backend", "status", "time", "max diff mixture", "max diff gaussian", "gaussian error",
-                   "within 3 std"]
+        click.echo(
+            f"{num_samples} points per toy, {dtype}, seed {seed}; "
+            "differences are max |x - x_numpy| over all coordinates"
+        )
+        headers = [
+            "backend",
+            "status",
+            "time",
+            "max diff mixture",
+            "max diff gaussian",
+            "gaussian error",
+            "within 3 std",
+        ]
         click.echo(_table(headers, [[r["backend"], r["status"], *_compare_figures(r)] for r in rows]))
     if failed:
         sys.exit(1)
@@ -501,18 +617,22 @@ def schedule(plot, as_json, **opts):
     if plot:
         plot_schedules(plot, {_describe_schedule(scheduler): scheduler})
     if as_json:
-        _emit_json({
-            "config": dict(scheduler.config),
-            "steps": scheduler.num_inference_steps,
-            "init_noise_sigma": scheduler.init_noise_sigma,
-            "timesteps": timesteps.tolist(),
-            "sigmas": sigmas.tolist(),
-            "final_sigma": float(np.asarray(scheduler.sigmas)[-1]),
-            "plot": plot,
-        })
+        _emit_json(
+            {
+                "config": dict(scheduler.config),
+                "steps": scheduler.num_inference_steps,
+                "init_noise_sigma": scheduler.init_noise_sigma,
+                "timesteps": timesteps.tolist(),
+                "sigmas": sigmas.tolist(),
+                "final_sigma": float(np.asarray(scheduler.sigmas)[-1]),
+                "plot": plot,
+            }
+        )
         return
-    click.echo(f"{scheduler.num_inference_steps} steps, {len(timesteps)} substeps; "
-               f"init_noise_sigma {scheduler.init_noise_sigma:.6g}")
+    click.echo(
+        f"{scheduler.num_inference_steps} steps, {len(timesteps)} substeps; "
+        f"init_noise_sigma {scheduler.init_noise_sigma:.6g}"
+    )
     click.echo(f"schedule: {_describe_schedule(scheduler)}")
     rows = [
         [k, k // 2, "euler" if k % 2 == 0 else "midpoint", f"{t:.4f}", f"{s:.6g}"]
@@ -548,8 +668,9 @@ def plugin():
 
 @plugin.command(name="new", short_help="Write a new backend plugin distribution.")
 @click.argument("name")
-@click.option("--directory", "-o", default=None, type=click.Path(file_okay=False),
-              help="Where to write it [./kdpm2-NAME].")
+@click.option(
+    "--directory", "-o", default=None, type=click.Path(file_okay=False), help="Where to write it [./kdpm2-NAME]."
+)
 def plugin_new(name, directory):
     """Write a plugin distribution for backend NAME: pyproject.toml with the kdpm2 entry point, the backend
     module (NumPy-backed, to adapt to your library) and a test that runs the conformance suite. Install it with

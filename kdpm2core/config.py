@@ -49,8 +49,16 @@ CHOICES = {
 # accepted and have nothing to do (as in diffusers for a local directory)
 DOWNLOAD_OPTIONS = frozenset(
     {
-        "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "mirror", "user_agent",
-        "local_dir", "local_dir_use_symlinks",
+        "cache_dir",
+        "force_download",
+        "proxies",
+        "local_files_only",
+        "token",
+        "revision",
+        "mirror",
+        "user_agent",
+        "local_dir",
+        "local_dir_use_symlinks",
     }
 )
 SIGMA_FAMILIES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
@@ -190,19 +198,29 @@ def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool 
     (the caller takes the unused keys).
     """
     defaulted = config.get(USE_DEFAULT_VALUES) or ()
-    if isinstance(defaulted, str) or not isinstance(defaulted, (list, tuple)) or not all(isinstance(k, str) for k in defaulted):
+    if (
+        isinstance(defaulted, str)
+        or not isinstance(defaulted, (list, tuple))
+        or not all(isinstance(k, str) for k in defaulted)
+    ):
         raise TypeError(f"{USE_DEFAULT_VALUES} must be a list of option names, got {defaulted!r}")
     class_name = config.get("_class_name")
     if class_name is not None and not isinstance(class_name, (str, list, tuple)):
         raise ValueError(f"_class_name must be a string (or a list of strings), got {type(class_name).__name__}")
     source = {key: value for key, value in config.items() if key not in defaulted and key != USE_DEFAULT_VALUES}
-    options = {key: overrides[key] if key in overrides else source[key] for key in DEFAULTS if key in overrides or key in source}
+    options = {
+        key: overrides[key] if key in overrides else source[key]
+        for key in DEFAULTS
+        if key in overrides or key in source
+    }
     kept = {key: value for key, value in source.items() if key not in options}
     if "_class_name" in kept:
         kept["_class_name"] = CLASS_NAME
     unexpected = {k: v for k, v in kept.items() if not str(k).startswith("_") and k not in FOREIGN_SCHEDULER_KEYS}
     if unexpected and warn:
-        warnings.warn(f"{owner}: config keys {sorted(unexpected)} are not used by {CLASS_NAME} and are ignored", stacklevel=3)
+        warnings.warn(
+            f"{owner}: config keys {sorted(unexpected)} are not used by {CLASS_NAME} and are ignored", stacklevel=3
+        )
     unused = {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
     return options, unused, kept
 
@@ -274,7 +292,9 @@ def load_config_file(path: str | os.PathLike, *, what: str = "config", limit: in
     return parse_config_bytes(path.read_bytes(), source=str(path), what=what, limit=limit)
 
 
-def parse_config_bytes(data: bytes, source: str = "<bytes>", *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> dict:
+def parse_config_bytes(
+    data: bytes, source: str = "<bytes>", *, what: str = "config", limit: int = MAX_CONFIG_BYTES
+) -> dict:
     """Decode config JSON; any malformed input (duplicate keys too) gives a ValueError naming ``source``."""
     if len(data) > limit:
         raise ValueError(f"{what} {source!r} is {len(data)} bytes; the limit is {limit}")

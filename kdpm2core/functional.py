@@ -77,11 +77,22 @@ class PlanInfo:
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
         self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
-        self._key = (backend.name, str(dtype), str(self.index_dtype), repr(device), schedule, tuple(sorted(options.items())), prediction_type, churn)
+        self._key = (
+            backend.name,
+            str(dtype),
+            str(self.index_dtype),
+            repr(device),
+            schedule,
+            tuple(sorted(options.items())),
+            prediction_type,
+            churn,
+        )
         _static_under_jax(sys.modules.get("jax"))
 
     def __eq__(self, other):
-        return type(other) is PlanInfo and (self is other or (self.backend is other.backend and self._key == other._key))
+        return type(other) is PlanInfo and (
+            self is other or (self.backend is other.backend and self._key == other._key)
+        )
 
     def __hash__(self):
         return hash(self._key)
@@ -177,7 +188,15 @@ def make_plan(
         device = backend.device(device)
     if isinstance(dtype, str):
         dtype = backend.dtype(dtype)
-    info = PlanInfo(backend, dtype, device, base, validated, prediction_type or validated["prediction_type"], (0.0, 0.0, math.inf, 1.0))
+    info = PlanInfo(
+        backend,
+        dtype,
+        device,
+        base,
+        validated,
+        prediction_type or validated["prediction_type"],
+        (0.0, 0.0, math.inf, 1.0),
+    )
     return _with(info, prediction_type=info.prediction_type, churn=_check_churn(s_churn, s_tmin, s_tmax, s_noise))
 
 
@@ -327,7 +346,9 @@ def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None)
             so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
     """
     _check_dtype(plan, sample)
-    _check_like(plan, sample, model_output=model_output, **({} if out is None else {"out[0]": out[0], "out[1]": out[1]}))
+    _check_like(
+        plan, sample, model_output=model_output, **({} if out is None else {"out[0]": out[0], "out[1]": out[1]})
+    )
     a, b, c, p, q, _ = (_row(plan, state, plan.table)[j] for j in range(6))
     extra = {} if out is None else {"out": out}
     prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)

@@ -96,7 +96,9 @@ def write_plugin(name: str, directory: str | Path) -> list[Path]:
     """Write the plugin distribution for backend ``name`` into ``directory`` (which must not exist yet, or be
     empty); returns the files written."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"backend name {name!r} must be lowercase letters, digits, '_', '.' or '-', starting with a letter")
+        raise ValueError(
+            f"backend name {name!r} must be lowercase letters, digits, '_', '.' or '-', starting with a letter"
+        )
     if name in ("numpy", "torch", "jax"):
         raise ValueError(f"backend name {name!r} belongs to kdpm2 itself; choose another")
     directory = Path(directory)

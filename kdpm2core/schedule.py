@@ -101,12 +101,16 @@ def training_table(
     elif beta_schedule == "squaredcos_cap_v2":
         betas, name = _squaredcos_cap_v2(num_train_timesteps), "beta_schedule"
     else:
-        raise ValueError(f"beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2; got {beta_schedule!r}")
+        raise ValueError(
+            f"beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2; got {beta_schedule!r}"
+        )
     if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
         raise ValueError(f"{name} give betas outside (0, 1) or not finite (min {betas.min()}, max {betas.max()})")
     # float32 products accumulated in float64, as torch.cumprod does on the CPU
     alphas_cumprod = np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # an underflowed alphas_cumprod is reported just below
+    with np.errstate(
+        divide="ignore", over="ignore", invalid="ignore"
+    ):  # an underflowed alphas_cumprod is reported just below
         sigmas = np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
     if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
         raise ValueError(f"{name} give a noise table that is not finite and positive (alphas_cumprod underflows)")

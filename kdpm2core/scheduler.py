@@ -35,10 +35,21 @@ STATE_FORMAT = "kdpm2.KDPM2DiscreteScheduler.state/1"
 # the diffusers schedulers that share KDPM2's config (diffusers' KarrasDiffusionSchedulers, its KDPM2's
 # ``_compatibles``): ``from_config`` builds each from the other's config
 DIFFUSERS_COMPATIBLES = (
-    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "EDMEulerScheduler",
 )
 
 
@@ -109,7 +120,9 @@ def _recording_defaults(init):
         defaulted = [key for key in _config.DEFAULTS if key not in given]
         if defaulted:
             # the schedule's record too: it is the same config, and state_dict() saves that one
-            self._internal_dict = self._schedule_config = _config.FrozenConfig({**self.config, _config.USE_DEFAULT_VALUES: defaulted})
+            self._internal_dict = self._schedule_config = _config.FrozenConfig(
+                {**self.config, _config.USE_DEFAULT_VALUES: defaulted}
+            )
 
     return wrapper
 
@@ -221,7 +234,9 @@ class KDPM2DiscreteScheduler:
         return _config.validate_config(self.config)
 
     @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, *, backend=None, check_finite: bool = False, **overrides):
+    def from_config(
+        cls, config=None, return_unused_kwargs: bool = False, *, backend=None, check_finite: bool = False, **overrides
+    ):
         """Build from a diffusers config (any diffusers scheduler's), with keyword overrides, as diffusers'
         ``from_config`` does: options the source left at its defaults (its ``_use_default_values``) take ours,
         and the source's other keys stay in the new config, unused, so that switching back restores them. With
@@ -230,14 +245,18 @@ class KDPM2DiscreteScheduler:
             config = {}
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (a scheduler's .config), got {type(config).__name__}")
-        options, unused, kept = _config.split_config(config, overrides, f"{cls.__name__}.from_config", warn=not return_unused_kwargs)
+        options, unused, kept = _config.split_config(
+            config, overrides, f"{cls.__name__}.from_config", warn=not return_unused_kwargs
+        )
         scheduler = cls(**options, backend=backend, check_finite=check_finite)
         if kept:
             scheduler.register_to_config(**kept)
         return (scheduler, unused) if return_unused_kwargs else scheduler
 
     @classmethod
-    def load_config(cls, pretrained_model_name_or_path, subfolder: str | None = None, return_unused_kwargs: bool = False, **kwargs):
+    def load_config(
+        cls, pretrained_model_name_or_path, subfolder: str | None = None, return_unused_kwargs: bool = False, **kwargs
+    ):
         """The config dict of a local ``scheduler_config.json``: a file, or a directory holding one (in
         ``subfolder`` if it is there, else at the top, as diffusers looks). Nothing is downloaded; diffusers'
         download options are accepted and unused. With ``return_unused_kwargs``: ``(config, other kwargs)``."""
@@ -254,11 +273,19 @@ class KDPM2DiscreteScheduler:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path, subfolder: str | None = None, return_unused_kwargs: bool = False, *, backend=None, **kwargs
+        cls,
+        pretrained_model_name_or_path,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        *,
+        backend=None,
+        **kwargs,
     ):
         """Build from a local ``scheduler_config.json`` (as saved by diffusers or :meth:`save_config`), found as
         :meth:`load_config` finds it; other keywords go to :meth:`from_config`."""
-        config, overrides = cls.load_config(pretrained_model_name_or_path, subfolder, return_unused_kwargs=True, **kwargs)
+        config, overrides = cls.load_config(
+            pretrained_model_name_or_path, subfolder, return_unused_kwargs=True, **kwargs
+        )
         return cls.from_config(config, return_unused_kwargs, backend=backend, **overrides)
 
     def to_json_string(self) -> str:
@@ -381,7 +408,9 @@ class KDPM2DiscreteScheduler:
         try:
             begin_index = operator.index(begin_index)
         except TypeError:
-            raise TypeError(f"begin_index must be an integer, got {type(begin_index).__name__} {begin_index!r}") from None
+            raise TypeError(
+                f"begin_index must be an integer, got {type(begin_index).__name__} {begin_index!r}"
+            ) from None
         if not 0 <= begin_index < len(self._rows):
             raise ValueError(f"begin_index must be in [0, {len(self._rows) - 1}], got {begin_index}")
         self._begin_index = begin_index
@@ -483,7 +512,9 @@ class KDPM2DiscreteScheduler:
             self._check_array("sample", sample)
             self._check_array("model_output", model_output)
         if model_output.shape != sample.shape:
-            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}")
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}"
+            )
         compiling = self._compiling(sample, model_output, timestep)
         k = self._step_index
         if k is None or k >= len(self._rows):
@@ -498,7 +529,9 @@ class KDPM2DiscreteScheduler:
         else:
             a, b, c, p, q, first = self._rows[k]
             if a and self._stored is None:
-                raise ValueError(f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index")
+                raise ValueError(
+                    f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index"
+                )
         if self.check_finite:
             self._require_finite(k, model_output=model_output, sample=sample)
         prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
@@ -535,7 +568,9 @@ class KDPM2DiscreteScheduler:
         sigmas = self._host.sigmas[indices].astype(np.float32)
         xp = self._backend.xp
         shape = (len(indices),) + (1,) * (original_samples.ndim - 1)
-        sigma = self._backend.asarray(sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples))
+        sigma = self._backend.asarray(
+            sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples)
+        )
         return original_samples + noise * xp.astype(sigma, original_samples.dtype)
 
     # -- checkpoint and resume --------------------------------------------------------------------------------
@@ -575,7 +610,9 @@ class KDPM2DiscreteScheduler:
         if not isinstance(config, dict):
             raise TypeError(f"state['config'] must be a dict, got {type(config).__name__}")
         if not isinstance(schedule, dict) or set(schedule) != {"num_inference_steps", "sigmas", "num_train_timesteps"}:
-            raise ValueError("state['schedule'] must be a dict with keys num_inference_steps, sigmas, num_train_timesteps")
+            raise ValueError(
+                "state['schedule'] must be a dict with keys num_inference_steps, sigmas, num_train_timesteps"
+            )
         sigmas = schedule["sigmas"]
         if sigmas is not None and not (
             isinstance(sigmas, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas)
@@ -583,7 +620,9 @@ class KDPM2DiscreteScheduler:
             raise TypeError("state['schedule']['sigmas'] must be null or a list of numbers")
         for key in ("num_inference_steps", "num_train_timesteps"):  # a tampered state must not exhaust memory
             if isinstance(schedule[key], int) and schedule[key] > _config.MAX_TRAIN_TIMESTEPS:
-                raise ValueError(f"state['schedule'][{key!r}] must be at most {_config.MAX_TRAIN_TIMESTEPS}, got {schedule[key]}")
+                raise ValueError(
+                    f"state['schedule'][{key!r}] must be at most {_config.MAX_TRAIN_TIMESTEPS}, got {schedule[key]}"
+                )
         if sigmas is not None and len(sigmas) > _config.MAX_TRAIN_TIMESTEPS:
             raise ValueError(f"state['schedule']['sigmas'] must have at most {_config.MAX_TRAIN_TIMESTEPS} values")
         restored = _config.from_state_config(config)

@@ -212,7 +212,9 @@ def run(
     out["modes"] = len(toy.stds)
     if len(toy.stds) == 1:
         sigmas = np.asarray(backend.to_numpy(scheduler.sigmas), dtype=np.float64)
-        start = np.asarray(backend.to_numpy(noise), dtype=np.float64) * scheduler.init_noise_sigma  # as rounded to dtype
+        start = (
+            np.asarray(backend.to_numpy(noise), dtype=np.float64) * scheduler.init_noise_sigma
+        )  # as rounded to dtype
         exact = toy.exact_flow(start, float(sigmas[0]), float(sigmas[-1]))
         error = np.abs(samples - exact)
         out["max_error"] = float(error.max())

@@ -69,7 +69,9 @@ def sigma_to_t_bound(t, log_sigma_error, our_log_sigmas, ref_log_sigmas, float32
         return rounding
     lo = np.clip(np.floor(t).astype(int), 0, len(ours) - 2)
     intervals = np.clip(lo[..., None] + np.arange(-1, 2), 0, len(ours) - 2)  # the interval of t and its neighbours
-    width = np.minimum(np.abs(ours[intervals] - ours[intervals + 1]), np.abs(ref[intervals] - ref[intervals + 1])).min(-1)
+    width = np.minimum(np.abs(ours[intervals] - ours[intervals + 1]), np.abs(ref[intervals] - ref[intervals + 1])).min(
+        -1
+    )
     table = np.maximum(np.abs(ours - ref)[intervals], np.abs(ours - ref)[intervals + 1]).max(-1)
     with np.errstate(divide="ignore"):  # equal neighbours (a repeated alphas_cumprod): no bound
         return (np.asarray(log_sigma_error) + table) / width + rounding

@@ -15,9 +15,10 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, initial_noise, relative_error, synthetic_model
 
 from kdpm2core import KDPM2DiscreteScheduler
+
+from conftest import BACKENDS, initial_noise, relative_error, synthetic_model
 
 SHAPES = [(), (7,), (2, 3, 4, 4), (1, 2, 3, 4, 4)]
 CONFIGS = [
@@ -38,7 +39,9 @@ def run_loop(backend, shape, dtype_name="float32", steps=12, options=None, check
     out, returned = [], []
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, t)
-        model_output = b.asarray(synthetic_model(b.to_numpy(model_input), float(t), options.get("prediction_type", "epsilon")), dtype=dtype)
+        model_output = b.asarray(
+            synthetic_model(b.to_numpy(model_input), float(t), options.get("prediction_type", "epsilon")), dtype=dtype
+        )
         sample, pred = scheduler.step(model_output, t, sample, return_dict=False)
         assert sample.dtype == dtype and pred.dtype == dtype and model_input.dtype == dtype
         assert tuple(sample.shape) == tuple(shape) and tuple(pred.shape) == tuple(shape)
@@ -98,7 +101,9 @@ def test_float64_jax_with_x64_enabled():
         """
     )
     env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["x64"] is True
@@ -106,7 +111,13 @@ def test_float64_jax_with_x64_enabled():
 
 
 # ---- dtypes ----------------------------------------------------------------------------------------------------
-LOW_PRECISION = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16"), ("jax", "float16"), ("jax", "bfloat16")]
+LOW_PRECISION = [
+    ("numpy", "float16"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("jax", "float16"),
+    ("jax", "bfloat16"),
+]
 
 
 @pytest.mark.parametrize("backend, dtype_name", [p for p in LOW_PRECISION if p[0] in BACKENDS])
@@ -124,7 +135,9 @@ def test_low_precision_keeps_dtype_and_tracks_float32(backend, dtype_name):
 def test_output_dtype_equals_input_dtype_everywhere(backend_name):
     scheduler = KDPM2DiscreteScheduler(backend=backend_name)
     b = scheduler.backend
-    names = ["float32", "float16"] + (["float64"] if b.float64 else []) + (["bfloat16"] if backend_name != "numpy" else [])
+    names = (
+        ["float32", "float16"] + (["float64"] if b.float64 else []) + (["bfloat16"] if backend_name != "numpy" else [])
+    )
     for name in names:
         dtype = b.dtype(name)
         scheduler.set_timesteps(3)

@@ -24,10 +24,25 @@ from conftest import BACKENDS, initial_noise
 # case -> (backend, dtype, config, schedule); each case is saved before every substep and resumed from each
 CASES = {
     "numpy-float64-epsilon": ("numpy", "float64", {}, {"steps": 4}),
-    "numpy-float32-v-karras": ("numpy", "float32", {"prediction_type": "v_prediction", "use_karras_sigmas": True}, {"steps": 3}),
-    "torch-float32-sample-sigmas": ("torch", "float32", {"prediction_type": "sample"}, {"sigmas": [9.5, 4.0, 1.25, 0.5, 0.0]}),
+    "numpy-float32-v-karras": (
+        "numpy",
+        "float32",
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        {"steps": 3},
+    ),
+    "torch-float32-sample-sigmas": (
+        "torch",
+        "float32",
+        {"prediction_type": "sample"},
+        {"sigmas": [9.5, 4.0, 1.25, 0.5, 0.0]},
+    ),
     "torch-bfloat16-epsilon": ("torch", "bfloat16", {"beta_schedule": "scaled_linear"}, {"steps": 3}),
-    "jax-float32-img2img": ("jax", "float32", {"timestep_spacing": "leading", "steps_offset": 1}, {"steps": 5, "begin": 4}),
+    "jax-float32-img2img": (
+        "jax",
+        "float32",
+        {"timestep_spacing": "leading", "steps_offset": 1},
+        {"steps": 5, "begin": 4},
+    ),
     "jax-bfloat16-v": ("jax", "bfloat16", {"prediction_type": "v_prediction"}, {"steps": 3}),
 }
 
@@ -132,7 +147,13 @@ print(json.dumps(report))
 
 def run_driver(mode: str, root: Path, script: Path) -> dict:
     environ = {k: v for k, v in os.environ.items() if k not in ("KDPM2_LOAD_PLUGINS", "KDPM2_BACKEND")}
-    command = [sys.executable, str(script), mode, str(root), json.dumps({"stateful": CASES, "functional": FUNCTIONAL_CASES})]
+    command = [
+        sys.executable,
+        str(script),
+        mode,
+        str(root),
+        json.dumps({"stateful": CASES, "functional": FUNCTIONAL_CASES}),
+    ]
     done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,7 +223,9 @@ def edit_manifest(directory: Path, change, *, rehash: bool = True) -> None:
 
 
 @pytest.mark.parametrize(
-    "change", [lambda m: m["state"].update(step_index=1), lambda m: m["arrays"]["sample"].update(dtype="float32")], ids=["step_index", "dtype"]
+    "change",
+    [lambda m: m["state"].update(step_index=1), lambda m: m["arrays"]["sample"].update(dtype="float32")],
+    ids=["step_index", "dtype"],
 )
 def test_hand_edits_of_the_json_are_detected(tmp_path, change):
     numpy_run_after_euler(tmp_path)
@@ -262,7 +285,11 @@ def test_state_dict_round_trip_keeps_custom_schedule(tmp_path):
         (lambda m: m.update(stored=None), ValueError, ["midpoint", "stored sample"]),
         (lambda m: m["state"]["schedule"].update(num_inference_steps=5), ValueError, ["schedule", "differs"]),
         (lambda m: m["state"]["schedule"].update(num_inference_steps="4"), TypeError, ["num_inference_steps"]),
-        (lambda m: m["state"]["schedule"].update(num_inference_steps=10**12), ValueError, ["num_inference_steps", "at most"]),
+        (
+            lambda m: m["state"]["schedule"].update(num_inference_steps=10**12),
+            ValueError,
+            ["num_inference_steps", "at most"],
+        ),
         (lambda m: m["state"]["schedule"].update(sigmas=["14", "0"]), TypeError, ["sigmas"]),
         (lambda m: m["state"]["config"].update(prediction_type="v_prediction"), ValueError, ["differs"]),
         (lambda m: m["state"]["config"].update(prediction_type=3), TypeError, ["prediction_type"]),
@@ -406,7 +433,11 @@ def test_functional_checkpoint_rejects_another_plan_and_bad_index(tmp_path):
     (x, _), state = F.step(plan, state, np.full(3, 0.1), x)
     save_functional_checkpoint(tmp_path, plan, state, sample=x)
     loaded, arrays = load_functional_checkpoint(tmp_path, plan)
-    assert int(loaded.index) == 1 and loaded.stored.tobytes() == state.stored.tobytes() and arrays["sample"].tobytes() == x.tobytes()
+    assert (
+        int(loaded.index) == 1
+        and loaded.stored.tobytes() == state.stored.tobytes()
+        and arrays["sample"].tobytes() == x.tobytes()
+    )
     for other in (
         F.make_plan(num_inference_steps=5, backend="numpy", dtype="float64"),
         F.make_plan(num_inference_steps=4, backend="numpy", dtype="float32"),
@@ -443,12 +474,19 @@ def test_any_edit_of_the_manifest_loads_or_fails_clearly(tmp_path_factory):
     original = json.loads((directory / STATE_FILE).read_text())
     paths = [p for p in _paths(original) if p]
     replacement = st.recursive(
-        st.none() | st.booleans() | st.integers(-5, 10**6) | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+        st.none()
+        | st.booleans()
+        | st.integers(-5, 10**6)
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=8),
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
         max_leaves=5,
     )
 
-    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(path=st.sampled_from(paths), value=replacement, delete=st.booleans())
     def check(path, value, delete):
         manifest = json.loads(json.dumps(original))

@@ -109,7 +109,9 @@ def test_sample_on_torch_matches_numpy():
     assert torch_run["backend"] == "torch"
     for name in ("mixture", "gaussian"):
         for key in ("within_3_std", "mean_distance_to_mode"):
-            assert torch_run["results"][name][key] == pytest.approx(numpy_run["results"][name][key], rel=1e-9, abs=1e-12)
+            assert torch_run["results"][name][key] == pytest.approx(
+                numpy_run["results"][name][key], rel=1e-9, abs=1e-12
+            )
 
 
 # -- the toys' exact denoiser and flow ---------------------------------------------------------------------------
@@ -134,7 +136,9 @@ def test_gaussian_exact_flow_solves_the_probability_flow_ode():
     x_start = np.array([[4.0, -7.0], [0.3, 2.0]])
     for sigma in (0.2, 1.0, 5.0):
         x = gaussian.exact_flow(x_start, 10.0, sigma)
-        slope = (gaussian.exact_flow(x_start, 10.0, sigma + h) - gaussian.exact_flow(x_start, 10.0, sigma - h)) / (2 * h)
+        slope = (gaussian.exact_flow(x_start, 10.0, sigma + h) - gaussian.exact_flow(x_start, 10.0, sigma - h)) / (
+            2 * h
+        )
         ode = (x - gaussian.denoise(x, sigma, get_backend("numpy"))) / sigma  # dx/dsigma = (x - D(x, sigma)) / sigma
         np.testing.assert_allclose(slope, ode, rtol=1e-7)
 
@@ -142,7 +146,8 @@ def test_gaussian_exact_flow_solves_the_probability_flow_ode():
 # -- the sigma each substep's model call sees --------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy 2 deprecations
 @pytest.mark.parametrize(
-    "options", [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading", "steps_offset": 1}, {"use_beta_sigmas": True}]
+    "options",
+    [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading", "steps_offset": 1}, {"use_beta_sigmas": True}],
 )
 def test_model_sigmas_match_what_diffusers_feeds_its_model(options):
     diffusers = pytest.importorskip("diffusers")
@@ -305,6 +310,7 @@ def test_conformance_passes_the_backend_and_pytest_arguments(monkeypatch):
     import kdpm2core.testing
 
     calls = []
+
     def run(backend, extra_args=()):
         calls.append((backend, extra_args))
         return 3
@@ -319,7 +325,9 @@ def test_conformance_runs_the_real_suite(tmp_path):
     # a subprocess: pytest inside this pytest process would share its plugins and capture
     script = "import sys; from kdpm2core.cli import main; main(sys.argv[1:])"
     args = ["conformance", "numpy", "-q", "-k", "protocol"]
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert re.search(r"\d+ passed", done.stdout) and "failed" not in done.stdout
 
@@ -350,7 +358,11 @@ def plain_install(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("plain")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=60)
-    site = Path(subprocess.check_output([str(root / "venv/bin/python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(root / "venv/bin/python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
     with open(os.path.join(REPOSITORY, "pyproject.toml"), "rb") as file:
         pyproject = tomllib.load(file)
     requirements = pyproject["project"]["dependencies"] + pyproject["build-system"]["requires"]
@@ -366,7 +378,12 @@ def plain_install(tmp_path_factory):
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(REPOSITORY, file), source / file)
     pip = [sys.executable, "-m", "pip", "--python", str(root / "venv/bin/python"), "install", "-q"]
-    subprocess.run([*pip, "--no-deps", "--no-index", "--no-build-isolation", str(source)], check=True, timeout=300, env=plain_environment())
+    subprocess.run(
+        [*pip, "--no-deps", "--no-index", "--no-build-isolation", str(source)],
+        check=True,
+        timeout=300,
+        env=plain_environment(),
+    )
     return root / "venv" / "bin"
 
 
@@ -376,12 +393,25 @@ def plain_environment() -> dict:
 
 
 def run_plain(bin_folder, *args, cwd):
-    return subprocess.run([str(bin_folder / "kdpm2"), *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=plain_environment())
+    return subprocess.run(
+        [str(bin_folder / "kdpm2"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=plain_environment(),
+    )
 
 
 def test_plain_install_has_none_of_the_extras(plain_install, tmp_path):
     script = "import importlib.util as u; print([m for m in ('torch', 'jax', 'matplotlib', 'pytest', 'diffusers') if u.find_spec(m)])"
-    done = subprocess.run([str(plain_install / "python"), "-c", script], capture_output=True, text=True, cwd=tmp_path, env=plain_environment())
+    done = subprocess.run(
+        [str(plain_install / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=plain_environment(),
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
@@ -430,7 +460,11 @@ def test_plain_install_names_the_missing_extra_in_one_line(plain_install, tmp_pa
         (["sample", "--plot", "/nonexistent/dir/x.png"], "--plot"),
         (["schedule", "--plot", "/nonexistent/dir/x.png"], "--plot"),
         (["sample", "--plot", "out.txt"], "--plot"),
-        pytest.param(["sample", "--backend", "torch", "--device", "meta"], "--device 'meta'", marks=pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed")),
+        pytest.param(
+            ["sample", "--backend", "torch", "--device", "meta"],
+            "--device 'meta'",
+            marks=pytest.mark.skipif("torch" not in available_backends(), reason="torch backend not installed"),
+        ),
         (["schedule", "--custom-sigmas", "1,2,3"], "strictly decreasing"),
         (["schedule", "--custom-sigmas", "1,x"], "--custom-sigmas"),
         (["compare", "--backends", "numpy,nosuch"], "unknown backend 'nosuch'"),
@@ -442,7 +476,9 @@ def test_user_errors_are_one_line_with_status_2(args, words):
     result = invoke(*args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdpm2") and "error:" in lines[0] and words in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("kdpm2") and "error:" in lines[0] and words in lines[0], (
+        result.stderr
+    )
     assert "Traceback" not in result.output and result.stdout == ""
 
 
@@ -454,8 +490,10 @@ def test_running_out_of_memory_is_a_user_error(monkeypatch, command):
     monkeypatch.setattr(toy, "run", run)
     result = invoke(command, "--backends" if command == "compare" else "--backend", "numpy")
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"kdpm2 {command}: error: out of memory for --samples " \
+    assert (
+        result.stderr.strip() == f"kdpm2 {command}: error: out of memory for --samples "
         f"{2000 if command == 'sample' else 500}: Unable to allocate 1.46 TiB"
+    )
 
 
 def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch):

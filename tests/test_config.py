@@ -14,10 +14,11 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import comparable_config, diffusers_kdpm2
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.config import DEFAULTS, FrozenConfig
+
+from conftest import comparable_config, diffusers_kdpm2
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 diffusers = pytest.importorskip("diffusers")
@@ -56,7 +57,7 @@ def test_config_is_a_read_only_dict_with_attributes():
     assert list(config) == [*DEFAULTS, "_use_default_values"]
     assert config._use_default_values == [key for key in DEFAULTS if key not in SETTINGS]
     with pytest.raises(AttributeError, match="no_such_key"):
-        config.no_such_key
+        _ = config.no_such_key
     mutations = [
         lambda: config.__setitem__("steps_offset", 2),
         lambda: config.__delitem__("steps_offset"),
@@ -105,7 +106,15 @@ def test_from_config_of_diffusers_kdpm2_config_gives_the_same_schedule():
 
 
 @pytest.mark.parametrize(
-    "name", ["EulerDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"]
+    "name",
+    [
+        "EulerDiscreteScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DDIMScheduler",
+        "UniPCMultistepScheduler",
+        "HeunDiscreteScheduler",
+    ],
 )
 def test_from_config_of_other_diffusers_schedulers_ignores_their_keys_quietly(name):
     other = getattr(diffusers, name)(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
@@ -197,6 +206,7 @@ def test_each_side_reads_the_others_files(tmp_path):
 
 def test_loading_never_unpickles_or_evaluates(tmp_path, monkeypatch):
     """A pickle, or strings that look like code, are rejected as data; nothing is ever executed."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("loading a config must not unpickle or evaluate")
 
@@ -209,7 +219,9 @@ def test_loading_never_unpickles_or_evaluates(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not valid JSON"):
         KDPM2DiscreteScheduler.from_pretrained(tmp_path / "pickled")
     (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": "__import__('os').getpid()"}))
+    (tmp_path / "code" / "scheduler_config.json").write_text(
+        json.dumps({"num_train_timesteps": "__import__('os').getpid()"})
+    )
     with pytest.raises(TypeError, match="num_train_timesteps"):
         KDPM2DiscreteScheduler.from_pretrained(tmp_path / "code")
 
@@ -281,7 +293,9 @@ def test_register_to_config_updates_the_config_as_diffusers_does():
 def test_from_config_returns_the_keys_diffusers_returns_as_unused():
     pndm = diffusers.PNDMScheduler.from_config({**SETTINGS, "_class_name": "PNDMScheduler", "skip_prk_steps": True})
     ours, unused = KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
-    theirs, their_unused = diffusers.KDPM2DiscreteScheduler.from_config(pndm.config, return_unused_kwargs=True, another=1)
+    theirs, their_unused = diffusers.KDPM2DiscreteScheduler.from_config(
+        pndm.config, return_unused_kwargs=True, another=1
+    )
     assert unused == their_unused and unused["another"] == 1 and unused["skip_prk_steps"] is True
     assert comparable_config(ours.config) == comparable_config(theirs.config)
 

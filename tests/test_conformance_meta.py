@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_plugin_isolation import make_distribution
 
 from kdpm2core.testing import cases
 from kdpm2core.testing.reference import Gaussian, sample_dpm2, substep_sigmas
 from kdpm2core.testing.support import Case, assert_close
-from test_plugin_isolation import make_distribution
 
 pytest_plugins = ["pytester"]
 
@@ -69,7 +69,14 @@ def test_assert_close_reports_backend_dtype_combination_and_size():
     with pytest.raises(AssertionError) as info:
         assert_close(x, [1.0, 2.5, 3.0], case, what="karras/epsilon substep 3")
     message = str(info.value)
-    for part in ("backend=numpy", "device=cpu", "dtype=float32", "karras/epsilon substep 3", "max abs error 0.5", "index (1,)"):
+    for part in (
+        "backend=numpy",
+        "device=cpu",
+        "dtype=float32",
+        "karras/epsilon substep 3",
+        "max abs error 0.5",
+        "index (1,)",
+    ):
         assert part in message, (part, message)
     with pytest.raises(AssertionError, match="dtype is float32, expected float64"):
         assert_close(x, [1.0, 2.0, 3.0], case, what="dtype", dtype="float64")
@@ -122,9 +129,14 @@ def test_matrix_comes_from_the_registry(numpy_copy, monkeypatch):
     suite; a dtype it lacks is listed as skipped with the reason, and its declared known failure is an xfail."""
     known_failures(monkeypatch, {"test_two": "a known failure of this backend", "test_dtype": "no float16"})
     result = numpy_copy.runpytest_subprocess("-rsx", "-p", "no:cacheprovider", "-v", "-k", "not test_dtype")
-    result.stdout.fnmatch_lines(["*test_one?numpy-cpu-float64?*PASSED*", "*test_one?numpy-copy-cpu-float32?*PASSED*",
-                                 "*backend 'numpy-copy' has no bfloat16 dtype*",
-                                 "*XFAIL*test_two?numpy-copy-cpu?*a known failure of this backend*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_one?numpy-cpu-float64?*PASSED*",
+            "*test_one?numpy-copy-cpu-float32?*PASSED*",
+            "*backend 'numpy-copy' has no bfloat16 dtype*",
+            "*XFAIL*test_two?numpy-copy-cpu?*a known failure of this backend*",
+        ]
+    )
     result.assert_outcomes(passed=7, skipped=2, xfailed=1, deselected=8)
 
 
@@ -140,7 +152,10 @@ def test_known_failure_of_one_parametrization(numpy_copy, monkeypatch):
     "key, words",
     [
         ("test_dtpye", ["'test_dtpye'", "names no test"]),
-        ("test_dtype[numpy-copy-cpu-float61]", ["'test_dtype[numpy-copy-cpu-float61]'", "test_dtype[numpy-copy-cpu-float16]"]),
+        (
+            "test_dtype[numpy-copy-cpu-float61]",
+            ["'test_dtype[numpy-copy-cpu-float61]'", "test_dtype[numpy-copy-cpu-float16]"],
+        ),
     ],
 )
 def test_unknown_known_failure_key_is_a_usage_error(numpy_copy, monkeypatch, key, words):
@@ -183,9 +198,13 @@ def test_owns_rule_follows_the_backends_array_type(numpy_copy, monkeypatch):
     result = numpy_copy.runpytest_subprocess(
         "-p", "no:cacheprovider", "-v", "--pyargs", "kdpm2core.testing.test_backend_protocol", "-k", "owns_only"
     )
-    result.stdout.fnmatch_lines(["*test_owns_only_its_arrays?greedy-cpu?*FAILED*",
-                                 "*test_owns_only_its_arrays?numpy-copy-cpu?*PASSED*",
-                                 "*owns() accepts a NumPy array, but its own arrays are Array*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_owns_only_its_arrays?greedy-cpu?*FAILED*",
+            "*test_owns_only_its_arrays?numpy-copy-cpu?*PASSED*",
+            "*owns() accepts a NumPy array, but its own arrays are Array*",
+        ]
+    )
     result.assert_outcomes(passed=1, failed=1)
 
 
@@ -253,18 +272,33 @@ def test_protocol_failures_come_first_and_name_the_method_to_override(numpy_copy
     make_distribution(numpy_copy.path, "kdpm2-broken", "broken", BROKEN)
     monkeypatch.setenv("KDPM2_LOAD_PLUGINS", "numpy-copy,broken")
     result = numpy_copy.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-v", "-rs", "--pyargs", "kdpm2core.testing",
-        "-k", "test_owns_only or test_device_of or test_asarray_round_trip or test_functional_steps_equal",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "-rs",
+        "--pyargs",
+        "kdpm2core.testing",
+        "-k",
+        "test_owns_only or test_device_of or test_asarray_round_trip or test_functional_steps_equal",
     )
     out = result.stdout.str()
     for words in (
-        ["owns() is False for its own asarray()", "xp is 'numpy'", "is 'array_api_compat.numpy'", "set xp to that namespace"],
+        [
+            "owns() is False for its own asarray()",
+            "xp is 'numpy'",
+            "is 'array_api_compat.numpy'",
+            "set xp to that namespace",
+        ],
         ["device_of(x) raised AttributeError", "no attribute 'device'", "override device_of(x)"],
         ["asarray(values, dtype=float32) gave float64", "override asarray(obj, dtype=, device=)"],
         ["to_numpy(x) gave a ndarray of dtype object and shape ()", "0-d object array", "override to_numpy(x)"],
     ):
         assert all(word in out for word in words), (words, out[-6000:])
-    lines = [line for line in out.splitlines() if "::test_" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line)]
+    lines = [
+        line
+        for line in out.splitlines()
+        if "::test_" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line)
+    ]
     protocol = [i for i, line in enumerate(lines) if "test_backend_protocol.py" in line]
     assert protocol and max(protocol) < min(i for i, line in enumerate(lines) if "test_functional_api.py" in line)
     for name in ("wrong-xp", "no-device-of", "ignores-dtype", "object-to-numpy"):
@@ -291,8 +325,12 @@ def test_plugin_new_installs_and_passes_conformance(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     import site
 
     parents = "".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages())
@@ -300,7 +338,9 @@ def test_plugin_new_installs_and_passes_conformance(tmp_path):
     env = {**os.environ, "KDPM2_LOAD_PLUGINS": "numpy,np-example"}
 
     def run(*args):
-        return subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+        return subprocess.run(
+            [python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
 
     installed = run("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(dist))
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -308,6 +348,8 @@ def test_plugin_new_installs_and_passes_conformance(tmp_path):
     row = {r["name"]: r for r in json.loads(listed.stdout)["backends"]}.get("np-example")
     assert row and row["status"] == "ok" and row["version"] == np.__version__, listed.stdout + listed.stderr
     conformance = run("-m", "kdpm2core.cli", "conformance", "np-example", "-q", "-p", "no:randomly")
-    assert conformance.returncode == 0 and " passed" in conformance.stdout, conformance.stdout[-3000:] + conformance.stderr[-3000:]
+    assert conformance.returncode == 0 and " passed" in conformance.stdout, (
+        conformance.stdout[-3000:] + conformance.stderr[-3000:]
+    )
     own_test = run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(dist / "tests"))
     assert own_test.returncode == 0 and "1 passed" in own_test.stdout, own_test.stdout[-3000:]

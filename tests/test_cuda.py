@@ -83,7 +83,13 @@ def test_functional_step_replays_as_a_cuda_graph():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
-        F.step(plan, F.State(index.clone(), stored.clone()), output, sample, out=(torch.empty_like(x0), torch.empty_like(x0)))
+        F.step(
+            plan,
+            F.State(index.clone(), stored.clone()),
+            output,
+            sample,
+            out=(torch.empty_like(x0), torch.empty_like(x0)),
+        )
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 import pytest
-from conftest import BACKENDS
 
 from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.config import MAX_CONFIG_BYTES
+
+from conftest import BACKENDS
 
 ACCEPTED = (ValueError, TypeError, LookupError)
 
@@ -73,7 +74,9 @@ def test_betas_outside_the_open_unit_interval(key, value):
 def test_trained_betas_outside_the_open_unit_interval(bad):
     betas = np.linspace(1e-4, 0.02, 100).tolist()
     betas[37] = bad
-    raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(num_train_timesteps=100, trained_betas=betas), kinds=ValueError)
+    raises_naming(
+        "trained_betas", lambda: KDPM2DiscreteScheduler(num_train_timesteps=100, trained_betas=betas), kinds=ValueError
+    )
     raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=np.asarray(betas)), kinds=ValueError)
     raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=[]), kinds=ValueError)
 
@@ -92,8 +95,14 @@ def test_betas_that_break_the_noise_table():
     """Each beta inside (0, 1), but the table they give is unusable: a first beta that float32 rounds away
     (sigma 0, log(0)), and a cumulative product that underflows (sigma inf). Both name the parameters."""
     raises_naming("beta_start", lambda: KDPM2DiscreteScheduler(beta_start=1e-12), kinds=ValueError)
-    raises_naming("beta_start", lambda: KDPM2DiscreteScheduler(beta_start=0.5, beta_end=0.99, num_train_timesteps=5000), kinds=ValueError)
-    raises_naming("trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=[1e-12] + [0.01] * 99), kinds=ValueError)
+    raises_naming(
+        "beta_start",
+        lambda: KDPM2DiscreteScheduler(beta_start=0.5, beta_end=0.99, num_train_timesteps=5000),
+        kinds=ValueError,
+    )
+    raises_naming(
+        "trained_betas", lambda: KDPM2DiscreteScheduler(trained_betas=[1e-12] + [0.01] * 99), kinds=ValueError
+    )
 
 
 @pytest.mark.parametrize(
@@ -101,7 +110,9 @@ def test_betas_that_break_the_noise_table():
     [("karras", "exponential"), ("karras", "beta"), ("exponential", "beta"), ("karras", "exponential", "beta")],
 )
 def test_more_than_one_sigma_family(families):
-    error = raises_naming("sigma", lambda: KDPM2DiscreteScheduler(**{f"use_{f}_sigmas": True for f in families}), kinds=ValueError)
+    error = raises_naming(
+        "sigma", lambda: KDPM2DiscreteScheduler(**{f"use_{f}_sigmas": True for f in families}), kinds=ValueError
+    )
     for family in families:
         assert f"use_{family}_sigmas" in str(error)
 
@@ -123,7 +134,19 @@ def test_num_train_timesteps_argument_of_set_timesteps():
 
 @pytest.mark.parametrize(
     "sigmas",
-    [[1.0, 2.0, 0.0], [3.0, 3.0, 0.0], [5.0, 1.0, 2.0], [1.0], [], [[2.0, 1.0]], [2.0, math.nan, 0.0], [math.inf, 1.0, 0.0], [2.0, 1.0, -1.0], [1e39, 1.0, 0.0], "abc"],
+    [
+        [1.0, 2.0, 0.0],
+        [3.0, 3.0, 0.0],
+        [5.0, 1.0, 2.0],
+        [1.0],
+        [],
+        [[2.0, 1.0]],
+        [2.0, math.nan, 0.0],
+        [math.inf, 1.0, 0.0],
+        [2.0, 1.0, -1.0],
+        [1e39, 1.0, 0.0],
+        "abc",
+    ],
 )
 def test_custom_sigmas_must_be_decreasing_finite_and_non_negative(sigmas):
     scheduler = KDPM2DiscreteScheduler()
@@ -181,7 +204,9 @@ def test_first_timestep_not_in_the_schedule(ready, timestep):
     scheduler, b, x = ready
     raises_naming("timestep", lambda: scheduler.step(x, timestep, x), kinds=ValueError)
     raises_naming("timestep", lambda: scheduler.scale_model_input(x, timestep), kinds=ValueError)
-    raises_naming("timestep", lambda: scheduler.add_noise(x, x, b.asarray(np.array([timestep], np.float32))), kinds=ValueError)
+    raises_naming(
+        "timestep", lambda: scheduler.add_noise(x, x, b.asarray(np.array([timestep], np.float32))), kinds=ValueError
+    )
     assert scheduler.step_index is None  # nothing was half-done
 
 

@@ -38,7 +38,9 @@ def _stateful_run(scheduler, x, model):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_functional_steps_equal_the_stateful_scheduler_bit_for_bit(backend_name, prediction_type):
-    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend=backend_name, prediction_type=prediction_type, use_karras_sigmas=True)
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(
+        backend=backend_name, prediction_type=prediction_type, use_karras_sigmas=True
+    )
     scheduler.set_timesteps(6)
     backend = scheduler.backend
     model = _model(backend)
@@ -51,7 +53,11 @@ def test_functional_steps_equal_the_stateful_scheduler_bit_for_bit(backend_name,
     for k, (scaled_ref, prev_ref, pred_ref) in enumerate(expected):
         scaled, timestep = F.model_inputs(plan, state, x)
         (prev, pred), state = F.step(plan, state, model(scaled, timestep), x)
-        for name, ours, ref in (("scaled input", scaled, scaled_ref), ("prev", prev, prev_ref), ("pred", pred, pred_ref)):
+        for name, ours, ref in (
+            ("scaled input", scaled, scaled_ref),
+            ("prev", prev, prev_ref),
+            ("pred", pred, pred_ref),
+        ):
             assert np.array_equal(backend.to_numpy(ours), backend.to_numpy(ref)), f"substep {k}: {name} differs"
         assert int(backend.to_numpy(state.index)) == k + 1
         x = prev
@@ -64,7 +70,9 @@ def test_functional_steps_equal_the_stateful_scheduler_bit_for_bit(backend_name,
 
 
 def test_plan_from_options_equals_plan_from_scheduler():
-    options = dict(beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction")
+    options = dict(
+        beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"
+    )
     scheduler = kdpm2core.KDPM2DiscreteScheduler(**options)
     scheduler.set_timesteps(9)
     ours, theirs = F.make_plan(num_inference_steps=9, **options), F.make_plan(scheduler)
@@ -122,7 +130,9 @@ def test_churned_plan_uses_raised_sigmas_and_their_timesteps():
     gamma = min(4.0 / 4, math.sqrt(2) - 1)
     step_sigmas = np.asarray(plain.sigmas)[::2]
     raised = step_sigmas <= 10.0
-    np.testing.assert_allclose(np.asarray(churned.sigmas)[::2], np.where(raised, step_sigmas * (1 + gamma), step_sigmas), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(churned.sigmas)[::2], np.where(raised, step_sigmas * (1 + gamma), step_sigmas), rtol=1e-6
+    )
     expected_noise = np.where(raised, step_sigmas * np.sqrt((1 + gamma) ** 2 - 1), 0.0)
     np.testing.assert_allclose(np.asarray(churned.noise)[::2], expected_noise, rtol=1e-6)
     assert np.all(np.asarray(churned.noise)[1::2] == 0)  # midpoint substeps add nothing
@@ -202,7 +212,9 @@ def test_init_refuses_midpoint_and_non_integer_indices():
     plan = F.make_plan(num_inference_steps=3)
     x = np.ones(2, dtype=np.float32)
     for index in (1, 3, np.int64(3)):
-        with pytest.raises(ValueError, match=f"index {index} is a midpoint substep.*start at an Euler substep \\({index - 1}\\)"):
+        with pytest.raises(
+            ValueError, match=f"index {index} is a midpoint substep.*start at an Euler substep \\({index - 1}\\)"
+        ):
             F.init(plan, x, index)
     for index in (-1, np.int64(-1), 5, np.int32(5)):
         with pytest.raises(ValueError, match=r"index must be in \[0, 4\]"):
@@ -274,7 +286,11 @@ def test_torch_step_allocates_only_its_outputs():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
             for t in torch.utils._pytree.tree_leaves(result):
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                     self.sizes.append(t.numel())
@@ -373,7 +389,10 @@ def test_mixed_dtypes_follow_numpys_promotion(backend_name):
     backend = kdpm2core.get_backend(backend_name)
     x32 = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
     results = {}
-    for name, (sample, output) in {"mixed": (x32, 0.5 * x32.astype(np.float64)), "wide": (x32.astype(np.float64), 0.5 * x32.astype(np.float64))}.items():
+    for name, (sample, output) in {
+        "mixed": (x32, 0.5 * x32.astype(np.float64)),
+        "wide": (x32.astype(np.float64), 0.5 * x32.astype(np.float64)),
+    }.items():
         scheduler = kdpm2core.KDPM2DiscreteScheduler(backend=backend_name)
         scheduler.set_timesteps(4)
         scheduler.set_begin_index(0)
@@ -444,4 +463,3 @@ def test_index_dtype_is_the_namespaces_default():
     assert F._index_dtype(Older) == np.int32
     plan = F.make_plan(num_inference_steps=3)
     assert plan.info.index_dtype == np.int64 and F.init(plan, np.zeros(2, np.float32)).index.dtype == np.int64
-

@@ -27,7 +27,14 @@ from kdpm2core import config as _config
 SCALE = float(os.environ.get("KDPM2_FUZZ_SCALE", "1"))
 DOCUMENTED = (ValueError, TypeError, LookupError)
 # an error is clear when it names what was wrong: a parameter, a config key, or the input's source
-NAMES = set(_config.DEFAULTS) | {"num_inference_steps", "sigmas", "num_train_timesteps", "timestep", "_class_name", "_use_default_values"}
+NAMES = set(_config.DEFAULTS) | {
+    "num_inference_steps",
+    "sigmas",
+    "num_train_timesteps",
+    "timestep",
+    "_class_name",
+    "_use_default_values",
+}
 
 
 def fuzz_settings(examples: int):
@@ -121,7 +128,9 @@ def check_functional_agrees(s: KDPM2DiscreteScheduler, final: np.ndarray, **requ
         return
     for plan in (
         # the options only: the config also lists the ones left at their defaults (_use_default_values)
-        functional.make_plan(**request, backend="numpy", dtype="float64", **{key: s.config[key] for key in _config.DEFAULTS}),
+        functional.make_plan(
+            **request, backend="numpy", dtype="float64", **{key: s.config[key] for key in _config.DEFAULTS}
+        ),
         functional.make_plan(s, dtype="float64"),
     ):
         x = np.array([-1.0, 0.5, 2.0]) * functional.init_noise_sigma(plan)
@@ -193,17 +202,29 @@ json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), short_text
 )
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(short_text, inner, max_size=3), max_leaves=6
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(short_text, inner, max_size=3),
+    max_leaves=6,
 )
 config_objects = st.dictionaries(
-    st.one_of(st.sampled_from(sorted(_config.DEFAULTS) + ["_class_name", "clip_sample"]), st.text(string.ascii_lowercase, max_size=6)),
-    st.one_of(json_values, st.sampled_from([1000, 0.00085, 0.012, "linear", "v_prediction", "trailing", True, 1, [0.01, 0.02]])),
+    st.one_of(
+        st.sampled_from(sorted(_config.DEFAULTS) + ["_class_name", "clip_sample"]),
+        st.text(string.ascii_lowercase, max_size=6),
+    ),
+    st.one_of(
+        json_values,
+        st.sampled_from([1000, 0.00085, 0.012, "linear", "v_prediction", "trailing", True, 1, [0.01, 0.02]]),
+    ),
     max_size=8,
 )
 
 
 @fuzz_settings(1500)
-@given(data=st.one_of(st.binary(max_size=200), st.binary(max_size=200), config_objects.map(lambda c: json.dumps(c).encode())))
+@given(
+    data=st.one_of(
+        st.binary(max_size=200), st.binary(max_size=200), config_objects.map(lambda c: json.dumps(c).encode())
+    )
+)
 def test_any_bytes_give_a_config_or_a_clear_error(data):
     try:
         parsed = _config.parse_config_bytes(data, source="fuzzed.json")

@@ -64,7 +64,11 @@ def test_plans_made_alike_share_one_compiled_loop():
     results = [run(plan(6), x0) for _ in range(3)]
     assert len(traces) == 1 and plan(6).info == plan(6).info and hash(plan(6).info) == hash(plan(6).info)
     assert all(np.array_equal(np.asarray(r), np.asarray(results[0])) for r in results)
-    for other in (plan(7), F.make_plan(num_inference_steps=6, backend="jax"), F.make_plan(num_inference_steps=6, backend="jax", use_karras_sigmas=True, s_churn=1.0)):
+    for other in (
+        plan(7),
+        F.make_plan(num_inference_steps=6, backend="jax"),
+        F.make_plan(num_inference_steps=6, backend="jax", use_karras_sigmas=True, s_churn=1.0),
+    ):
         assert other.info != plan(6).info
     run(plan(7), x0)
     assert len(traces) == 2  # another schedule: another table shape, another compilation

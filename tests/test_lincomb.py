@@ -43,7 +43,9 @@ def test_rows_cover_what_schedulers_produce():
     assert seen <= listed, seen - listed
 
 
-INSTALLED = [name for name in ("numpy", "torch", "jax", "array-api-strict", "dask") if name in kdpm2core.available_backends()]
+INSTALLED = [
+    name for name in ("numpy", "torch", "jax", "array-api-strict", "dask") if name in kdpm2core.available_backends()
+]
 
 
 @pytest.mark.parametrize("name", INSTALLED)
@@ -55,7 +57,9 @@ def test_float_and_array_coefficients_give_the_same_bits(name):
     stored, sample, model_output = (backend.asarray(x) for x in host)
     for row in ROWS:
         floats = backend.update(*row, stored, sample, model_output)
-        arrays = backend.update(*(backend.asarray(v, dtype=backend.dtype("float32")) for v in row), stored, sample, model_output)
+        arrays = backend.update(
+            *(backend.asarray(v, dtype=backend.dtype("float32")) for v in row), stored, sample, model_output
+        )
         for name_, x, y in zip(("prev", "pred"), floats, arrays):
             assert np.array_equal(backend.to_numpy(x), backend.to_numpy(y)), (row, name_)
             assert all(x is not given for given in (stored, sample, model_output)), (row, name_)

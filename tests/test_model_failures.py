@@ -41,7 +41,7 @@ def run(scheduler, sample, inject_at, value, to_host):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _diffusers_built(prediction_type):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # diffusers' own NumPy 2 warnings, thousands per build
@@ -57,7 +57,7 @@ def diffusers_scheduler(prediction_type="epsilon"):
     return reference
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def diffusers_run(start_bytes, prediction_type, inject_at, value):
     """diffusers' KDPM2 on torch float32, run once per case and shared by the backends."""
     reference = diffusers_scheduler(prediction_type)

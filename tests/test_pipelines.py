@@ -15,15 +15,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
-import tiny_pipelines as tiny  # noqa: E402
 from diffusers import (  # noqa: E402
     KDPM2DiscreteScheduler as Reference,
+)
+from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 
 from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
+
+import tiny_pipelines as tiny  # noqa: E402
 
 ATOL = 1e-4
 STEPS = 10
@@ -56,7 +59,11 @@ def compare(pipe, run, **overrides):
     return float(np.abs(got - expected).max())
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}], ids=["sd", "karras-v-trailing"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}],
+    ids=["sd", "karras-v-trailing"],
+)
 def test_txt2img(components, overrides):
     pipe = StableDiffusionPipeline(**components)
     assert compare(pipe, lambda p: tiny.txt2img(p, steps=STEPS), **overrides) <= ATOL

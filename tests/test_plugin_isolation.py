@@ -223,7 +223,19 @@ def clean(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def broken(broken_site) -> dict:
-    names = ["numpy", "torch", "jax", "noxp", "factoryraises", "ghost", "twin", "sneaky", "raises", "impostor", "nonexistent"]
+    names = [
+        "numpy",
+        "torch",
+        "jax",
+        "noxp",
+        "factoryraises",
+        "ghost",
+        "twin",
+        "sneaky",
+        "raises",
+        "impostor",
+        "nonexistent",
+    ]
     return probe(broken_site, names)
 
 
@@ -249,7 +261,11 @@ def test_clean_environment_imports_no_framework(clean):
         ("exits", "kdpm2-exits-on-import", ["import failed", "SystemExit"]),
         ("badname", "kdpm2-bad-name", ["register_backends raised", "Bad Name!", "lowercase identifier"]),
         ("exitsregister", "kdpm2-exits-in-register", ["register_backends raised", "no thanks"]),
-        ("badsig", "kdpm2-bad-signature", ["invalid hook", "register_backends(reg, extra)", "register_backends(register)"]),
+        (
+            "badsig",
+            "kdpm2-bad-signature",
+            ["invalid hook", "register_backends(reg, extra)", "register_backends(register)"],
+        ),
         ("typo", "kdpm2-typo", ["invalid hook", "unknown hook 'register_backend'", "register_backends(register)"]),
         ("nohook", "kdpm2-no-hook", ["implements no kdpm2 hook", "@hookimpl def register_backends(register)"]),
     ],
@@ -261,7 +277,9 @@ def test_plugin_failing_to_load_or_register_is_reported_and_skipped(broken, plug
     for word in words:
         assert word in row["status"]
     assert "\n" not in row["status"] and "\\n" not in row["status"]  # one line of the `kdpm2 backends` table
-    assert any(w.startswith("PluginWarning:") and repr(plugin) in w and dist in w for w in broken["warnings"]), broken["warnings"]
+    assert any(w.startswith("PluginWarning:") and repr(plugin) in w and dist in w for w in broken["warnings"]), broken[
+        "warnings"
+    ]
     assert plugin not in broken["available"]
     assert "halfway" not in broken["report"]  # nothing of a plugin that failed half-way is registered
 
@@ -295,7 +313,9 @@ def test_duplicate_backend_names_error_naming_both_distributions(broken):
     assert kind == "BackendError"
     assert "kdpm2-twin-one" in message and "kdpm2-twin-two" in message and "KDPM2_LOAD_PLUGINS" in message
     assert broken["report"]["twin"]["status"].startswith("failed: ")
-    assert any(w.startswith("PluginWarning:") and "kdpm2-twin-one" in w and "kdpm2-twin-two" in w for w in broken["warnings"])
+    assert any(
+        w.startswith("PluginWarning:") and "kdpm2-twin-one" in w and "kdpm2-twin-two" in w for w in broken["warnings"]
+    )
     assert "twin" not in broken["available"]
 
 
@@ -314,8 +334,10 @@ def test_first_party_name_stays_with_kdpm2(broken):
         assert refused["plugin"] == "impostor" and refused["distribution"] == "kdpm2-impostor"
         assert refused["status"].startswith(f"failed: backend {name!r} belongs to kdpm2"), refused["status"]
         assert "'impostor'" in refused["status"] and "kdpm2-impostor" in refused["status"]
-        assert any(w.startswith("PluginWarning:") and f"{name!r} belongs to kdpm2" in w and "kdpm2-impostor" in w
-                   for w in broken["warnings"]), broken["warnings"]
+        assert any(
+            w.startswith("PluginWarning:") and f"{name!r} belongs to kdpm2" in w and "kdpm2-impostor" in w
+            for w in broken["warnings"]
+        ), broken["warnings"]
     assert broken["lookups"]["numpy"] == "ok:NumpyBackend" and broken["lookups"]["jax"] == "ok:JaxBackend"
     assert broken["lookups"]["impostor"] == "ok:ArrayAPIBackend"
 
@@ -333,8 +355,19 @@ def test_cli_and_pytest_show_the_failed_plugins_for_an_unknown_backend(broken_si
     cli = run_in(broken_site, "-m", "kdpm2core.cli", "conformance", "nonexistent", **only)
     error = cli.stderr.strip().splitlines()[-1]  # after the PluginWarning
     assert cli.returncode == 2 and error.startswith("kdpm2 conformance: error: "), cli.stderr
-    suite = run_in(broken_site, "-m", "pytest", "-c", os.devnull, "-p", "no:cacheprovider", "--pyargs",
-                   "kdpm2core.testing", "--kdpm2-backend=nonexistent", **only)
+    suite = run_in(
+        broken_site,
+        "-m",
+        "pytest",
+        "-c",
+        os.devnull,
+        "-p",
+        "no:cacheprovider",
+        "--pyargs",
+        "kdpm2core.testing",
+        "--kdpm2-backend=nonexistent",
+        **only,
+    )
     assert suite.returncode == 4, suite.stdout + suite.stderr  # pytest's usage error
     for output in (error, suite.stderr):
         assert "unknown backend 'nonexistent'" in output and "kdpm2-raises-on-import" in output
@@ -343,20 +376,27 @@ def test_cli_and_pytest_show_the_failed_plugins_for_an_unknown_backend(broken_si
 
 # every plugin of the site but those that import torch or jax (`kdpm2 backends` builds every backend); a fixed
 # hash seed, so that pluggy's message on badsig lists the same set in the same order in each process
-NO_FRAMEWORKS = {"KDPM2_LOAD_PLUGINS": "numpy,noxp,factoryraises,badsig,typo,impostor,yamlish,twinone,twintwo,raises",
-                 "PYTHONHASHSEED": "0"}
+NO_FRAMEWORKS = {
+    "KDPM2_LOAD_PLUGINS": "numpy,noxp,factoryraises,badsig,typo,impostor,yamlish,twinone,twintwo,raises",
+    "PYTHONHASHSEED": "0",
+}
 BUILT_REPORT = "import json, kdpm2core; print(json.dumps(kdpm2core.backend_report(build=True)))"
 
 
 def test_backends_command_shows_the_report_with_build(broken_site):
     # backend_report() builds nothing, so a factory that raises is "ok" there until first use (see above);
     # backend_report(build=True) builds every backend, and `kdpm2 backends` shows exactly its statuses
-    built = {row["name"]: row["status"] for row in last_json_line(run_in(broken_site, "-c", BUILT_REPORT,
-                                                                             **NO_FRAMEWORKS))}
-    listed = json.loads(run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json",
-                               **NO_FRAMEWORKS).stdout)["backends"]
+    built = {
+        row["name"]: row["status"] for row in last_json_line(run_in(broken_site, "-c", BUILT_REPORT, **NO_FRAMEWORKS))
+    }
+    listed = json.loads(run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json", **NO_FRAMEWORKS).stdout)[
+        "backends"
+    ]
     assert {row["name"]: row["status"] for row in listed} == built
-    assert built["factoryraises"].startswith("failed: backend 'factoryraises'") and "shared library" in built["factoryraises"]
+    assert (
+        built["factoryraises"].startswith("failed: backend 'factoryraises'")
+        and "shared library" in built["factoryraises"]
+    )
     assert built["noxp"].startswith("failed: backend 'noxp'") and built["numpy"] == "ok"
     table = run_in(broken_site, "-m", "kdpm2core.cli", "backends", **NO_FRAMEWORKS).stdout
     assert len(table.strip().splitlines()) == 2 + len(built)  # header, rule, one line per row
@@ -366,10 +406,19 @@ def test_backends_command_version_is_the_required_modules_distribution(broken_si
     import importlib.metadata
 
     pytest.importorskip("yaml")
-    listed = json.loads(run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json",
-                               KDPM2_LOAD_PLUGINS="yamlish").stdout)["backends"]
-    assert listed == [{"name": "yamlish", "version": importlib.metadata.version("PyYAML"), "devices": ["cpu"],
-                       "float64": True, "distribution": "kdpm2-yamlish", "status": "ok"}]
+    listed = json.loads(
+        run_in(broken_site, "-m", "kdpm2core.cli", "backends", "--json", KDPM2_LOAD_PLUGINS="yamlish").stdout
+    )["backends"]
+    assert listed == [
+        {
+            "name": "yamlish",
+            "version": importlib.metadata.version("PyYAML"),
+            "devices": ["cpu"],
+            "float64": True,
+            "distribution": "kdpm2-yamlish",
+            "status": "ok",
+        }
+    ]
 
 
 WARNINGS_AS_ERRORS = """
@@ -385,11 +434,16 @@ print(json.dumps({"outcomes": outcomes, "report": kdpm2core.backend_report()}))
 
 
 def test_under_warnings_as_errors_only_the_first_lookup_raises(broken_site):
-    result = last_json_line(run_in(broken_site, "-W", "error", "-c", WARNINGS_AS_ERRORS, KDPM2_LOAD_PLUGINS="numpy,raises"))
+    result = last_json_line(
+        run_in(broken_site, "-W", "error", "-c", WARNINGS_AS_ERRORS, KDPM2_LOAD_PLUGINS="numpy,raises")
+    )
     first, *later = result["outcomes"]
     assert first.startswith("PluginWarning:") and "'raises'" in first and "plugin exploded" in first
     assert later == ["numpy", "numpy"]  # the registry was stored before warning: later lookups work
-    assert {row["name"]: row["status"][:21] for row in result["report"]} == {"numpy": "ok", "raises": "failed: import failed"}
+    assert {row["name"]: row["status"][:21] for row in result["report"]} == {
+        "numpy": "ok",
+        "raises": "failed: import failed",
+    }
 
 
 def test_env_var_limits_loaded_plugins(broken_site, clean):
@@ -398,7 +452,9 @@ def test_env_var_limits_loaded_plugins(broken_site, clean):
     assert sorted(only["report"]) == ["numpy", "twin"]
     assert only["lookups"]["numpy"] == "ok:NumpyBackend"
     assert only["lookups"]["twin"] == "ok:ArrayAPIBackend"  # one claimant left: no clash
-    assert only["lookups"]["torch"].startswith("BackendError:") and "unknown backend 'torch'" in only["lookups"]["torch"]
+    assert (
+        only["lookups"]["torch"].startswith("BackendError:") and "unknown backend 'torch'" in only["lookups"]["torch"]
+    )
     assert only["final"] == clean["final"]
 
 

@@ -23,7 +23,9 @@ def run_python(code: str, **env) -> dict:
     """Run ``code`` in a fresh interpreter (its last stdout line is JSON) and return that JSON."""
     environment = {k: v for k, v in os.environ.items() if k not in ("KDPM2_BACKEND", "KDPM2_LOAD_PLUGINS")}
     environment.update(env)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -40,6 +40,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+
 from conftest import diffusers_kdpm2, scheduler_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
@@ -47,7 +48,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffuse
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 from diffusers import KDPM2DiscreteScheduler as Reference  # noqa: E402
-
 from float32_bounds import U, assert_within, midpoint_timestep_bound, sigma_to_t_bound, ulp32, whole_steps  # noqa: E402
 
 from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
@@ -254,7 +254,9 @@ def sweep(kw: dict, dense: int, every: int):
         # plain comparisons here: np.testing's helpers would triple this loop's time
         assert got_t.shape == expected_t.shape == (2 * n - 1,), f"{kw} n={n}"
         assert np.array_equal(got_t[0::2], expected_t[0::2]), f"{kw} n={n}: step timesteps"
-        assert np.all(np.abs(got_s - expected_s) <= sigma_tolerance(ours, got_s, expected_s, gap) * 1.000001), f"{kw} n={n}: sigmas"
+        assert np.all(np.abs(got_s - expected_s) <= sigma_tolerance(ours, got_s, expected_s, gap) * 1.000001), (
+            f"{kw} n={n}: sigmas"
+        )
 
 
 def test_every_step_count_default_config():
@@ -375,6 +377,8 @@ def test_repeated_alphas_cumprod_give_finite_timesteps():
         assert np.all(np.isfinite(got)) and got.shape == timesteps.shape
         np.testing.assert_array_equal(got[0::2], timesteps[0::2])
         got_s, expected_s = np.asarray(ours.sigmas), ref.sigmas.numpy()
-        assert_within(got_s, expected_s, sigma_tolerance(ours, got_s, expected_s, training_gap(ours, ref)), f"n={n}: sigmas")
+        assert_within(
+            got_s, expected_s, sigma_tolerance(ours, got_s, expected_s, training_gap(ours, ref)), f"n={n}: sigmas"
+        )
         sigma_at_t = np.exp(np.interp(got[1::2].astype(np.float64), np.arange(1000), log_sigmas))  # the inverse map
         np.testing.assert_allclose(sigma_at_t, ours._host.sigma_in[1::2], rtol=1e-5)

@@ -69,7 +69,12 @@ def test_fields_are_reassigned_by_key_or_attribute_but_never_removed(output_clas
     assert out["prev_sample"] is c and out[0] is c
     out["pred_original_sample"] = a  # and a key write the attribute
     assert out.pred_original_sample is a
-    removals = [lambda: out.pop("prev_sample"), lambda: out.__delitem__("prev_sample"), lambda: out.setdefault("x", 1), lambda: out.update(x=1)]
+    removals = [
+        lambda: out.pop("prev_sample"),
+        lambda: out.__delitem__("prev_sample"),
+        lambda: out.setdefault("x", 1),
+        lambda: out.update(x=1),
+    ]
     for remove in removals:
         with pytest.raises(Exception):  # noqa: B017 -- diffusers raises Exception itself, ours a TypeError
             remove()

@@ -14,13 +14,13 @@ import warnings
 
 import numpy as np
 import pytest
+
 from conftest import comparable_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
-import tiny_pipelines as tiny
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import KDPM2DiscreteScheduler as Reference
 
@@ -28,8 +28,15 @@ from kdpm2core import KDPM2DiscreteScheduler
 from kdpm2core.checkpoint import load_checkpoint, save_checkpoint
 from kdpm2core.config import DEFAULTS
 
+import tiny_pipelines as tiny
+
 TARGETS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "KDPM2DiscreteScheduler"]
-SETTINGS = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "leading", "steps_offset": 1}
+SETTINGS = {
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
 
 
 def assert_same_config(ours, theirs):
@@ -103,7 +110,10 @@ def test_saved_config_files_match_diffusers(tmp_path):
     for side in ("ours", "theirs"):  # each side reads either file to the same config
         loaded_ours = KDPM2DiscreteScheduler.from_pretrained(tmp_path / side)
         assert_same_config(loaded_ours.config, Reference.from_pretrained(tmp_path / side).config)
-        assert_same_config(DDIMScheduler.from_pretrained(tmp_path / side).config, DDIMScheduler.from_pretrained(tmp_path / "theirs").config)
+        assert_same_config(
+            DDIMScheduler.from_pretrained(tmp_path / side).config,
+            DDIMScheduler.from_pretrained(tmp_path / "theirs").config,
+        )
 
 
 # ---- compatibles ----------------------------------------------------------------------------------------------

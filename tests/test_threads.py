@@ -58,7 +58,9 @@ def stateful_job(backend_name: str):
         s = KDPM2DiscreteScheduler(**CONFIGS[i], backend=backend_name)
         s.set_timesteps(6 + i)
         b = s.backend
-        x = b.asarray(np.random.default_rng(i).standard_normal((2, 32, 32)) * s.init_noise_sigma, dtype=b.dtype("float32"))
+        x = b.asarray(
+            np.random.default_rng(i).standard_normal((2, 32, 32)) * s.init_noise_sigma, dtype=b.dtype("float32")
+        )
         xp = b.xp
         for t in s.timesteps:
             x = s.step(xp.tanh(s.scale_model_input(x, t)) * 0.7, t, x).prev_sample

@@ -81,7 +81,10 @@ def test_sparse_tensors():
         model_output = torch.tanh(x) * torch.eye(6)
         scaled = sparse.scale_model_input(y, t)
         assert scaled.is_sparse and torch.equal(scaled.to_dense(), dense.scale_model_input(x, t))
-        (y, pred_sparse), (x, pred) = sparse.step(model_output.to_sparse(), t, y, return_dict=False), dense.step(model_output, t, x, return_dict=False)
+        (y, pred_sparse), (x, pred) = (
+            sparse.step(model_output.to_sparse(), t, y, return_dict=False),
+            dense.step(model_output, t, x, return_dict=False),
+        )
         assert y.is_sparse and torch.equal(y.to_dense(), x) and torch.equal(pred_sparse.to_dense(), pred)
 
 

@@ -137,7 +137,6 @@ def test_dynamic_shapes_compile_for_both_apis():
             assert torch.equal(x, y), shape
 
 
-
 def test_closure_without_begin_index_asks_for_it():
     """The first substep must find the timestep in the schedule, which a traced timestep allows only with a host
     sync: kdpm2 stops with its own one-line message. Under fullgraph=True Dynamo reports an exception raised while

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, scheduler_options, synthetic_model
 from float32_bounds import U, assert_within, midpoint_timestep_bound, sigma_to_t_bound
+
+from conftest import BACKENDS, diffusers_kdpm2, initial_noise, relative_error, scheduler_options, synthetic_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 interop noise
 pytest.importorskip("diffusers")
@@ -188,7 +189,9 @@ def assert_add_noise_matches(got, expected, noise, ours: KDPM2DiscreteScheduler,
     ours_sigmas = torch.tensor(ours.backend.to_numpy(ours.sigmas)).to(sigma_dtype).double()
     ref_sigmas = ref.sigmas.to(sigma_dtype).double()
     gap = float((ours_sigmas - ref_sigmas).abs().max())
-    got, expected, noise = (v if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in (got, expected, noise))
+    got, expected, noise = (
+        v if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in (got, expected, noise)
+    )
     if gap == 0:
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         return
@@ -277,7 +280,9 @@ def test_duplicate_timesteps_first_step_rule(backend_name):
     assert duplicated.size >= 2  # 0, 1 and 4 repeat for this config
     ours_probe = KDPM2DiscreteScheduler(**kw, backend=backend_name)
     ours_probe.set_timesteps(100)
-    np.testing.assert_array_equal(np.unique(ours_probe.backend.to_numpy(ours_probe.timesteps)[0::2]), np.unique(ref_t.timesteps.numpy()[0::2]))
+    np.testing.assert_array_equal(
+        np.unique(ours_probe.backend.to_numpy(ours_probe.timesteps)[0::2]), np.unique(ref_t.timesteps.numpy()[0::2])
+    )
     for value in duplicated:
         index = ref_t.index_for_timestep(torch.tensor(value))
         assert ours_probe.index_for_timestep(float(value)) == index
@@ -349,7 +354,9 @@ def test_index_for_timestep_with_torch_tensors():
         ours.index_for_timestep(ours.timesteps[:2])
 
 
-@pytest.mark.parametrize("schedule", [{"num_inference_steps": 10}, {"num_inference_steps": 1}, {"sigmas": [200.0, 150.0, 100.0, 1.0, 0.0]}])
+@pytest.mark.parametrize(
+    "schedule", [{"num_inference_steps": 10}, {"num_inference_steps": 1}, {"sigmas": [200.0, 150.0, 100.0, 1.0, 0.0]}]
+)
 def test_first_step_look_up(schedule, monkeypatch):
     """The first step recognises the schedule's first timestep with one comparison and starts where the
     general rule starts; every other value and form of timestep takes the general rule. The custom sigmas here
@@ -370,7 +377,9 @@ def test_first_step_look_up(schedule, monkeypatch):
             index -= 1
         starts[value] = index
         t = torch.tensor(value, dtype=torch.float32)
-        for form in [t, t.double(), value, t.reshape(1), np.float32(value)] + ([int(value)] if value.is_integer() else []):
+        for form in [t, t.double(), value, t.reshape(1), np.float32(value)] + (
+            [int(value)] if value.is_integer() else []
+        ):
             ours._step_index = None
             ours._init_step_index(form)
             assert ours.step_index == index, (value, form)

@@ -96,9 +96,7 @@ def tiny_tokenizer():
     directory = tempfile.mkdtemp(prefix="tiny_clip_tok_")
     try:
         _write_tokenizer_files(directory)
-        return CLIPTokenizer.from_pretrained(
-            directory, model_max_length=MAX_TOKENS, local_files_only=True
-        )
+        return CLIPTokenizer.from_pretrained(directory, model_max_length=MAX_TOKENS, local_files_only=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -238,6 +236,4 @@ def img2img(pipe, steps: int = 10, seed: int = 0, strength: float = 0.6) -> np.n
 def inpaint(pipe, steps: int = 10, seed: int = 0, strength: float = 1.0) -> np.ndarray:
     """Run an inpainting pipeline on :func:`gradient_image` / :func:`rectangle_mask`."""
     kwargs = _common_kwargs(pipe, steps, seed)
-    return pipe(
-        image=gradient_image(), mask_image=rectangle_mask(), strength=strength, **kwargs
-    ).images
+    return pipe(image=gradient_image(), mask_image=rectangle_mask(), strength=strength, **kwargs).images

@@ -31,6 +31,15 @@ def run(backend: str, extra_args: Sequence[str] = ()) -> int:
     import pytest
 
     here = os.path.dirname(os.path.abspath(__file__))
-    args = ["-c", os.devnull, "--rootdir", here, "-p", "no:cacheprovider", "--pyargs", "kdpm2core.testing",
-            f"--kdpm2-backend={backend}"]
+    args = [
+        "-c",
+        os.devnull,
+        "--rootdir",
+        here,
+        "-p",
+        "no:cacheprovider",
+        "--pyargs",
+        "kdpm2core.testing",
+        f"--kdpm2-backend={backend}",
+    ]
     return int(pytest.main([*args, *extra_args]))

@@ -13,7 +13,21 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["BETAS", "SPACINGS", "FAMILIES", "PREDICTIONS", "STEPS", "grid", "trained_betas", "toy_model", "array_toy_model", "NOISE", "ORIGINAL", "ORIGINAL_NOISE", "load"]
+__all__ = [
+    "BETAS",
+    "SPACINGS",
+    "FAMILIES",
+    "PREDICTIONS",
+    "STEPS",
+    "grid",
+    "trained_betas",
+    "toy_model",
+    "array_toy_model",
+    "NOISE",
+    "ORIGINAL",
+    "ORIGINAL_NOISE",
+    "load",
+]
 
 DATA_FILE = "diffusers_reference.npz"
 

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from kdpm2core.testing.cases import DATA_FILE, NOISE, ORIGINAL, ORIGINAL_NOISE, grid, toy_model, trained_betas
@@ -107,7 +106,9 @@ def main(argv=None) -> int:
     target.parent.mkdir(exist_ok=True)
     arrays = generate()
     np.savez_compressed(target, **arrays)
-    print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, {len(json.loads(str(arrays['cases_json'])))} cases)")
+    print(
+        f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB, {len(json.loads(str(arrays['cases_json'])))} cases)"
+    )
     return 0
 
 

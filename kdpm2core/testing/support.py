@@ -113,8 +113,10 @@ def assert_close(
     label = f"{target.label} [{what}]"
     backend = target.backend
     if not backend.owns(actual):
-        raise AssertionError(f"{label}: result is a {type(actual).__module__}.{type(actual).__name__}, "
-                             f"not an array of backend {target.backend_name!r}")
+        raise AssertionError(
+            f"{label}: result is a {type(actual).__module__}.{type(actual).__name__}, "
+            f"not an array of backend {target.backend_name!r}"
+        )
     dtype = dtype or getattr(target, "dtype_name", None)
     if dtype is not None and actual.dtype != backend.dtype(dtype):
         raise AssertionError(f"{label}: dtype is {actual.dtype}, expected {dtype}")

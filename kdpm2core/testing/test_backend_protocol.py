@@ -23,7 +23,9 @@ def test_protocol_attributes(kdpm2_target):
 
 def test_owns_only_its_arrays(kdpm2_target):
     x = kdpm2_target.asarray([1.0, 2.0], "float32")
-    assert kdpm2_target.backend.owns(x), f"{kdpm2_target.label}: owns() is False for its own asarray(): {_why_not_owned(kdpm2_target, x)}"
+    assert kdpm2_target.backend.owns(x), (
+        f"{kdpm2_target.label}: owns() is False for its own asarray(): {_why_not_owned(kdpm2_target, x)}"
+    )
     assert not kdpm2_target.backend.owns([1.0, 2.0]), f"{kdpm2_target.label}: owns() accepts a list"
     if not isinstance(x, np.ndarray):  # a backend whose arrays are NumPy's (under any name) owns them
         assert not kdpm2_target.backend.owns(np.zeros(2)), (
@@ -39,14 +41,18 @@ def _why_not_owned(target, x) -> str:
     try:
         namespace = array_api_compat.array_namespace(x)
     except TypeError:
-        return (f"array_api_compat.array_namespace() knows no namespace for {kind}, so the default owns() cannot "
-                "see it; override owns(x) with a type check (look the type up through sys.modules, so that "
-                "nothing is imported)")
+        return (
+            f"array_api_compat.array_namespace() knows no namespace for {kind}, so the default owns() cannot "
+            "see it; override owns(x) with a type check (look the type up through sys.modules, so that "
+            "nothing is imported)"
+        )
     if namespace is not target.backend.xp:
-        return (f"xp is {getattr(target.backend.xp, '__name__', target.backend.xp)!r} but "
-                f"array_api_compat.array_namespace() of a {kind} is {getattr(namespace, '__name__', namespace)!r}; "
-                "set xp to that namespace: the default owns() compares the two, and every step would refuse the "
-                "sample as 'not an array of backend ...'")
+        return (
+            f"xp is {getattr(target.backend.xp, '__name__', target.backend.xp)!r} but "
+            f"array_api_compat.array_namespace() of a {kind} is {getattr(namespace, '__name__', namespace)!r}; "
+            "set xp to that namespace: the default owns() compares the two, and every step would refuse the "
+            "sample as 'not an array of backend ...'"
+        )
     return "override owns(x) so that it accepts the arrays asarray() returns"
 
 
@@ -61,12 +67,17 @@ def test_device_of_places_arrays_beside_their_input(kdpm2_target):
         pytest.fail(
             f"{kdpm2_target.label}: device_of(x) raised {exc!r} for a {kind}. The default reads x.device (through "
             "array_api_compat.device); if your arrays have no .device attribute, override device_of(x) to return "
-            "what asarray(device=) accepts (None for a library with a single device)", pytrace=False)
+            "what asarray(device=) accepts (None for a library with a single device)",
+            pytrace=False,
+        )
     try:
         y = backend.asarray(np.zeros(2), dtype=backend.dtype("float32"), device=device)
     except Exception as exc:  # noqa: BLE001 -- as above
-        pytest.fail(f"{kdpm2_target.label}: asarray(device=device_of(x)) raised {exc!r} for device_of(x) = {device!r}: "
-                    "device_of must return a device that asarray(device=) accepts", pytrace=False)
+        pytest.fail(
+            f"{kdpm2_target.label}: asarray(device=device_of(x)) raised {exc!r} for device_of(x) = {device!r}: "
+            "device_of must return a device that asarray(device=) accepts",
+            pytrace=False,
+        )
     assert backend.device_of(y) == device, (
         f"{kdpm2_target.label}: asarray(device={device!r}) made an array on {backend.device_of(y)!r}; override "
         "asarray(obj, dtype=, device=) to place it there"

@@ -7,7 +7,12 @@ from __future__ import annotations
 import numpy as np
 
 from kdpm2core import functional as F
-from kdpm2core.checkpoint import load_checkpoint, load_functional_checkpoint, save_checkpoint, save_functional_checkpoint
+from kdpm2core.checkpoint import (
+    load_checkpoint,
+    load_functional_checkpoint,
+    save_checkpoint,
+    save_functional_checkpoint,
+)
 from kdpm2core.testing.cases import NOISE, array_toy_model, toy_model
 
 CONFIG = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
@@ -21,7 +26,9 @@ def _stepper(case, scheduler):
 
     def step(x, k):
         t = scheduler.timesteps[k]
-        return scheduler.step(toy_model(scheduler.scale_model_input(x, t), float(host_t[k]), xp=case.xp), t, x).prev_sample
+        return scheduler.step(
+            toy_model(scheduler.scale_model_input(x, t), float(host_t[k]), xp=case.xp), t, x
+        ).prev_sample
 
     return step
 

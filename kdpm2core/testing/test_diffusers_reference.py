@@ -72,10 +72,26 @@ def test_schedule_matches_diffusers(kdpm2_target, group):
         scheduler.set_timesteps(case["steps"], device=kdpm2_target.device_name)
         timesteps, sigmas = case_arrays(case, "timesteps"), case_arrays(case, "sigmas")
         assert len(timesteps) == 2 * case["steps"] - 1, f"{what}: diffusers data has {len(timesteps)} timesteps"
-        assert_close(scheduler.timesteps, timesteps, kdpm2_target, what=f"{what} timesteps", dtype="float32",
-                     rtol=SCHEDULE_RTOL, atol=SCHEDULE_RTOL * 1000, device=device)
-        assert_close(scheduler.sigmas, sigmas, kdpm2_target, what=f"{what} sigmas", dtype="float32",
-                     rtol=SCHEDULE_RTOL, atol=0, device=device)
+        assert_close(
+            scheduler.timesteps,
+            timesteps,
+            kdpm2_target,
+            what=f"{what} timesteps",
+            dtype="float32",
+            rtol=SCHEDULE_RTOL,
+            atol=SCHEDULE_RTOL * 1000,
+            device=device,
+        )
+        assert_close(
+            scheduler.sigmas,
+            sigmas,
+            kdpm2_target,
+            what=f"{what} sigmas",
+            dtype="float32",
+            rtol=SCHEDULE_RTOL,
+            atol=0,
+            device=device,
+        )
         expected = case["init_noise_sigma"]
         assert math.isclose(scheduler.init_noise_sigma, expected, rel_tol=SCHEDULE_RTOL), (
             f"{kdpm2_target.label} [{what}]: init_noise_sigma {scheduler.init_noise_sigma!r}, diffusers {expected!r}"
@@ -119,8 +135,12 @@ def test_trajectory_matches_diffusers(kdpm2_case, group):
             for name, values, want, tol in (
                 ("prev_sample", got["prev"][k], prev[k], rtol * scale),
                 ("pred_original_sample", got["pred"][k], pred[k], rtol * scale),
-                ("scale_model_input", got["model_input"][k], want_input,
-                 _input_rtol(kdpm2_case.dtype_name) * np.max(np.abs(want_input))),
+                (
+                    "scale_model_input",
+                    got["model_input"][k],
+                    want_input,
+                    _input_rtol(kdpm2_case.dtype_name) * np.max(np.abs(want_input)),
+                ),
             ):
                 err = float(np.max(np.abs(values - want)))
                 if not err <= tol:
@@ -156,15 +176,31 @@ def test_add_noise_and_img2img_match_diffusers(kdpm2_case, group):
             scheduler.set_timesteps(case["steps"], device=kdpm2_case.device_name)
             begin = case["begin_index"]
             scheduler.set_begin_index(begin)
-            start = scheduler.add_noise(kdpm2_case.array(NOISE * 0.3), kdpm2_case.array(NOISE[::-1].copy()),
-                                        scheduler.timesteps[begin:begin + 1])
+            start = scheduler.add_noise(
+                kdpm2_case.array(NOISE * 0.3),
+                kdpm2_case.array(NOISE[::-1].copy()),
+                scheduler.timesteps[begin : begin + 1],
+            )
             rtol = SCHEDULE_RTOL + 4 * EPS[kdpm2_case.dtype_name]
-            assert_close(start, case_arrays(case, "img2img_start"), kdpm2_case, what=f"{case['key']} img2img add_noise",
-                         rtol=rtol)
-            x, got = sample_loop(scheduler, start, lambda m, t: toy_model(m, t, xp=kdpm2_case.xp), kdpm2_case, start=begin)
+            assert_close(
+                start,
+                case_arrays(case, "img2img_start"),
+                kdpm2_case,
+                what=f"{case['key']} img2img add_noise",
+                rtol=rtol,
+            )
+            x, got = sample_loop(
+                scheduler, start, lambda m, t: toy_model(m, t, xp=kdpm2_case.xp), kdpm2_case, start=begin
+            )
             rtol = _trajectory_rtol(kdpm2_case.dtype_name, len(got["prev"]))
             scale = max(float(np.max(np.abs(got["prev"]))), float(np.max(np.abs(case_arrays(case, "img2img_start")))))
-            assert_close(x, case_arrays(case, "img2img"), kdpm2_case, what=f"{case['key']} img2img from substep {begin}",
-                         rtol=rtol, atol=rtol * scale)
+            assert_close(
+                x,
+                case_arrays(case, "img2img"),
+                kdpm2_case,
+                what=f"{case['key']} img2img from substep {begin}",
+                rtol=rtol,
+                atol=rtol * scale,
+            )
 
     _check_all(group, check)

@@ -17,7 +17,9 @@ from kdpm2core.testing.support import assert_close
 
 SIGMAS = {
     # k-diffusion style: Karras rho=7 from 14.6 to 0.03, then 0 (the last step is an Euler step)
-    "karras-to-zero": np.append((14.6 ** (1 / 7) + np.linspace(0, 1, 8) * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7, 0.0),
+    "karras-to-zero": np.append(
+        (14.6 ** (1 / 7) + np.linspace(0, 1, 8) * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7, 0.0
+    ),
     # geometric, ending at a positive sigma (every step is a midpoint step)
     "geometric-to-0.05": np.geomspace(20.0, 0.05, 6),
 }
@@ -68,8 +70,9 @@ def test_matches_independent_reference(kdpm2_case, prediction_type, schedule):
     x_start = np.array([[-1.7, 0.4, 2.2], [0.0, -0.05, 1.1]]) * sigmas[0]
     expected = sample_dpm2(_denoiser, x_start, sigmas)
     got = _run(kdpm2_case, prediction_type, sigmas, x_start, lambda x, s: _denoiser(x, s, xp=kdpm2_case.xp))
-    assert_close(got, expected, kdpm2_case, what=f"prediction_type={prediction_type} sigmas={schedule}",
-                 rtol=1e-9, atol=1e-9)
+    assert_close(
+        got, expected, kdpm2_case, what=f"prediction_type={prediction_type} sigmas={schedule}", rtol=1e-9, atol=1e-9
+    )
 
 
 GAUSSIAN = Gaussian(mu=0.5, s0=0.6)

@@ -108,8 +108,11 @@ def test_functional_steps_equal_the_scheduler(kdpm2_case, prediction_type):
         (f_prev, f_pred), new_state = F.step(plan, state, f_output, y)
         _identical(case, f_t, t, f"{what}: timestep")
         if case.dtype_name in EXACT:
-            for name, ours, theirs in (("model input", f_scaled, scaled), ("prev_sample", f_prev, prev),
-                                       ("pred_original_sample", f_pred, pred)):
+            for name, ours, theirs in (
+                ("model input", f_scaled, scaled),
+                ("prev_sample", f_prev, prev),
+                ("pred_original_sample", f_pred, pred),
+            ):
                 _identical(case, ours, theirs, f"{what}: {name}")
         else:
             a, b, c, p, q, _ = rows[k]
@@ -163,8 +166,14 @@ def test_sample_equals_the_step_loop(kdpm2_case):
     model = array_toy_model(case.xp)
     n = F.num_substeps(plan)
     _same_or_close(case, F.sample(plan, model, x), _loop(plan, model, x), x, "sample() vs the step loop", n)
-    _same_or_close(case, F.sample(plan, model, x, start=4), _loop(plan, model, x, start=4), x,
-                   "sample(start=4) vs the step loop from substep 4", n - 4)
+    _same_or_close(
+        case,
+        F.sample(plan, model, x, start=4),
+        _loop(plan, model, x, start=4),
+        x,
+        "sample(start=4) vs the step loop from substep 4",
+        n - 4,
+    )
     with pytest.raises(ValueError, match="midpoint"):
         F.sample(plan, model, x, start=3)
 
@@ -206,8 +215,14 @@ def test_img2img_start_equals_the_scheduler(kdpm2_case):
         t = scheduler.timesteps[k]
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     ours = F.sample(plan, model, latents, start=begin)
-    _same_or_close(case, ours, x, latents, f"sample(start={begin}) vs set_begin_index({begin}) + add_noise",
-                   F.num_substeps(plan) - begin)
+    _same_or_close(
+        case,
+        ours,
+        x,
+        latents,
+        f"sample(start={begin}) vs set_begin_index({begin}) + add_noise",
+        F.num_substeps(plan) - begin,
+    )
 
 
 def _churn_plan(case, **churn):
@@ -237,7 +252,9 @@ def test_churn_equals_the_reference_sampler(kdpm2_case):
     plan = _churn_plan(case)
     x = case.array(START * SIGMAS[0])
     ours = F.sample(plan, _denoiser(case.xp), x, denoiser=True, seed=11, **CHURN)
-    again = F.sample(_churn_plan(case, prediction_type="sample", **CHURN), _denoiser(case.xp), x, denoiser=True, seed=11)
+    again = F.sample(
+        _churn_plan(case, prediction_type="sample", **CHURN), _denoiser(case.xp), x, denoiser=True, seed=11
+    )
     _identical(case, ours, again, "churn given to make_plan vs to sample")
     draws = iter(_draws(case, plan, 11, START.shape))
     expected = sample_dpm2(_host_denoiser, case.to_numpy(x), SIGMAS, **CHURN, draw=lambda: next(draws))
@@ -281,8 +298,9 @@ def test_out_buffers_receive_the_results(kdpm2_case):
     values as without ``out``; the inputs are untouched."""
     case = kdpm2_case
     if not case.backend.inplace:
-        pytest.skip(f"backend {case.backend_name!r} declares inplace=False: its arrays are immutable, so out= "
-                    "buffers go unused")
+        pytest.skip(
+            f"backend {case.backend_name!r} declares inplace=False: its arrays are immutable, so out= buffers go unused"
+        )
     _, plan, x = _setup(case)
     model = array_toy_model(case.xp)
     state = F.init(plan, x)

@@ -69,10 +69,24 @@ def test_sampling_dtype_shape_device_and_values(kdpm2_case, shape, prediction_ty
     scale = max(1.0, max(float(np.max(np.abs(r[2]))) for r in reference))
     rtol = _rtol(kdpm2_case.dtype_name)
     for k, ((prev, pred, *_), (_, _, want_prev, want_pred)) in enumerate(zip(results, reference)):
-        assert_close(prev, want_prev, kdpm2_case, what=f"{what} substep {k} prev_sample", rtol=rtol,
-                     atol=rtol * scale, device=device)
-        assert_close(pred, want_pred, kdpm2_case, what=f"{what} substep {k} pred_original_sample", rtol=rtol,
-                     atol=rtol * scale, device=device)
+        assert_close(
+            prev,
+            want_prev,
+            kdpm2_case,
+            what=f"{what} substep {k} prev_sample",
+            rtol=rtol,
+            atol=rtol * scale,
+            device=device,
+        )
+        assert_close(
+            pred,
+            want_pred,
+            kdpm2_case,
+            what=f"{what} substep {k} pred_original_sample",
+            rtol=rtol,
+            atol=rtol * scale,
+            device=device,
+        )
 
 
 @pytest.mark.kdpm2_dtypes("float16", "float32", "float64")
@@ -89,8 +103,14 @@ def test_agrees_with_numpy_backend_same_dtype(kdpm2_case):
         scale = max(1.0, max(float(np.max(np.abs(r[2]))) for r in reference))
         rtol = _rtol(kdpm2_case.dtype_name)
         for k, ((prev, *_), (_, _, want, _)) in enumerate(zip(results, reference)):
-            assert_close(prev, want, kdpm2_case, what=f"numpy backend {kdpm2_case.dtype_name}, "
-                         f"prediction_type={prediction_type}, substep {k}", rtol=rtol, atol=rtol * scale)
+            assert_close(
+                prev,
+                want,
+                kdpm2_case,
+                what=f"numpy backend {kdpm2_case.dtype_name}, prediction_type={prediction_type}, substep {k}",
+                rtol=rtol,
+                atol=rtol * scale,
+            )
 
 
 def _numpy():

@@ -32,9 +32,17 @@ def test_scale_model_input(kdpm2_case):
         step_sigma, next_sigma = sigmas[k - k % 2], sigmas[k - k % 2 + 1]  # diffusers' layout s0, s1, s1, s2, ...
         sigma = step_sigma if k % 2 == 0 else math.sqrt(step_sigma * next_sigma)
         scaled = scheduler.scale_model_input(sample, t)
-        assert_close(scaled, values / math.sqrt(sigma**2 + 1), kdpm2_case, what=f"substep {k} scale_model_input",
-                     rtol=4 * EPS[kdpm2_case.dtype_name], device=_device(kdpm2_case))
-        assert np.array_equal(kdpm2_case.to_numpy(sample), values), f"{kdpm2_case.label}: scale_model_input wrote its input"
+        assert_close(
+            scaled,
+            values / math.sqrt(sigma**2 + 1),
+            kdpm2_case,
+            what=f"substep {k} scale_model_input",
+            rtol=4 * EPS[kdpm2_case.dtype_name],
+            device=_device(kdpm2_case),
+        )
+        assert np.array_equal(kdpm2_case.to_numpy(sample), values), (
+            f"{kdpm2_case.label}: scale_model_input wrote its input"
+        )
         scheduler.step(sample, t, sample)
 
 
@@ -55,9 +63,17 @@ def test_add_noise(kdpm2_case, begin_index):
     timesteps = kdpm2_case.asarray(host_t[positions], "float32")
     noisy = scheduler.add_noise(original, noise, timesteps)
     expected = keep[0] + keep[1] * sigmas[chosen][:, None]
-    assert_close(noisy, expected, kdpm2_case, what=f"add_noise begin_index={begin_index}",
-                 rtol=4 * EPS[kdpm2_case.dtype_name], device=_device(kdpm2_case))
-    assert np.array_equal(kdpm2_case.to_numpy(original), keep[0]) and np.array_equal(kdpm2_case.to_numpy(noise), keep[1])
+    assert_close(
+        noisy,
+        expected,
+        kdpm2_case,
+        what=f"add_noise begin_index={begin_index}",
+        rtol=4 * EPS[kdpm2_case.dtype_name],
+        device=_device(kdpm2_case),
+    )
+    assert np.array_equal(kdpm2_case.to_numpy(original), keep[0]) and np.array_equal(
+        kdpm2_case.to_numpy(noise), keep[1]
+    )
 
 
 def test_set_begin_index_start_equals_the_tail_of_a_full_run(kdpm2_case):
@@ -66,7 +82,9 @@ def test_set_begin_index_start_equals_the_tail_of_a_full_run(kdpm2_case):
     scheduler.set_timesteps(4, device=kdpm2_case.device_name)
     scheduler.set_begin_index(0)
     host_t = kdpm2_case.to_numpy(scheduler.timesteps)
-    model = lambda x, k: cases.toy_model(scheduler.scale_model_input(x, scheduler.timesteps[k]), float(host_t[k]), xp=kdpm2_case.xp)
+    model = lambda x, k: cases.toy_model(
+        scheduler.scale_model_input(x, scheduler.timesteps[k]), float(host_t[k]), xp=kdpm2_case.xp
+    )
     x = kdpm2_case.array(cases.NOISE * scheduler.init_noise_sigma)
     trajectory = [x]
     for k in range(len(host_t)):
@@ -139,4 +157,6 @@ def test_config_round_trips(kdpm2_target, tmp_path):
 def _close_list(mine, value) -> bool:
     if not isinstance(value, list):
         return False
-    return len(mine) == len(value) and np.allclose(np.asarray(mine, dtype=float), np.asarray(value, dtype=float), rtol=1e-7)
+    return len(mine) == len(value) and np.allclose(
+        np.asarray(mine, dtype=float), np.asarray(value, dtype=float), rtol=1e-7
+    )

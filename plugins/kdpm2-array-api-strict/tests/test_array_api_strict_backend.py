@@ -31,9 +31,14 @@ def test_sampling_under_the_strictest_flags(device):
     reference = KDPM2DiscreteScheduler(prediction_type="v_prediction", backend="numpy")
     scheduler = KDPM2DiscreteScheduler(prediction_type="v_prediction", backend=NAME)
     start = np.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
-    with array_api_strict.ArrayAPIStrictFlags(api_version="2023.12", data_dependent_shapes=False, boolean_indexing=False):
+    with array_api_strict.ArrayAPIStrictFlags(
+        api_version="2023.12", data_dependent_shapes=False, boolean_indexing=False
+    ):
         results = []
-        for sched, x in ((reference, start), (scheduler, array_api_strict.asarray(start, device=array_api_strict.Device(device)))):
+        for sched, x in (
+            (reference, start),
+            (scheduler, array_api_strict.asarray(start, device=array_api_strict.Device(device))),
+        ):
             sched.set_timesteps(5, device=device if sched is scheduler else None)
             xp = sched.backend.xp
             for k in range(sched.timesteps.shape[0]):
