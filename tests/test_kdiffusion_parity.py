@@ -3,7 +3,6 @@ denoiser and the same sigmas: the same trajectory up to the rounding of two eval
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
