@@ -57,13 +57,16 @@ class Backend(Protocol):
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
         """Standard normal samples and the advanced generator state."""
 
-    def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
-        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output, p*sample + q*model_output)``.
+    def update(
+        self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None
+    ) -> tuple[Array, Array]:
+        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output + n*noise, p*sample + q*model_output)``.
 
         Coefficients are Python floats (the stateful scheduler) or 0-d arrays (the functional API); the two
         must give the same bits. ``stored`` is None when ``a`` is 0. ``out`` is an optional pair of caller
-        buffers for the two results (ignored where arrays are immutable). :meth:`ArrayAPIBackend.lincomb`
-        defines the term order and rounding every first-party backend follows.
+        buffers for the two results (ignored where arrays are immutable). ``noise`` (the ancestral sampler's) is
+        None when ``n`` is 0. :meth:`ArrayAPIBackend.lincomb` defines the term order and rounding every
+        first-party backend follows.
         """
 
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -196,12 +199,14 @@ class ArrayAPIBackend:
         return self.asarray(rng.standard_normal(shape), dtype=dtype, device=device), rng
 
     # -- the substep ------------------------------------------------------------------------------------------
-    def update(self, a, b, c, p, q, stored, sample, model_output, out=None) -> tuple[Array, Array]:
+    def update(
+        self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None
+    ) -> tuple[Array, Array]:
         """Both combinations of a substep (see :class:`Backend`), each by :meth:`lincomb`."""
         # immutable arrays (JAX, Dask) cannot be written into: ``out`` then goes unused
         prev_out, pred_out = (None, None) if out is None or not self.inplace else out
         return (
-            self.lincomb(((a, stored), (b, sample), (c, model_output)), prev_out),
+            self.lincomb(((a, stored), (b, sample), (c, model_output), (n, noise)), prev_out),
             self.lincomb(((p, sample), (q, model_output)), pred_out),
         )
 

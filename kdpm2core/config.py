@@ -187,7 +187,9 @@ def validate_config(values: Mapping) -> dict:
     return out
 
 
-def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool = True) -> tuple[dict, dict, dict]:
+def split_config(
+    config: Mapping, overrides: Mapping, owner: str, *, warn: bool = True, class_name: str = CLASS_NAME
+) -> tuple[dict, dict, dict]:
     """Split a scheduler config (any diffusers scheduler's) and keyword overrides as diffusers' ``from_config``
     does: ``(our options, the unused keys, the keys to keep in the new config)``.
 
@@ -195,7 +197,7 @@ def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool 
     kept keys are every other key of the source that is not one of our options (other schedulers' settings,
     ``_class_name``, ``_diffusers_version``): a scheduler built back from our config gets them again. Unknown
     keys that are neither private nor another diffusers scheduler's warn, naming them, unless ``warn`` is false
-    (the caller takes the unused keys).
+    (the caller takes the unused keys). ``class_name`` is the building class's (the kept ``_class_name``).
     """
     defaulted = config.get(USE_DEFAULT_VALUES) or ()
     if (
@@ -204,9 +206,9 @@ def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool 
         or not all(isinstance(k, str) for k in defaulted)
     ):
         raise TypeError(f"{USE_DEFAULT_VALUES} must be a list of option names, got {defaulted!r}")
-    class_name = config.get("_class_name")
-    if class_name is not None and not isinstance(class_name, (str, list, tuple)):
-        raise ValueError(f"_class_name must be a string (or a list of strings), got {type(class_name).__name__}")
+    source_class = config.get("_class_name")
+    if source_class is not None and not isinstance(source_class, (str, list, tuple)):
+        raise ValueError(f"_class_name must be a string (or a list of strings), got {type(source_class).__name__}")
     source = {key: value for key, value in config.items() if key not in defaulted and key != USE_DEFAULT_VALUES}
     options = {
         key: overrides[key] if key in overrides else source[key]
@@ -215,11 +217,11 @@ def split_config(config: Mapping, overrides: Mapping, owner: str, *, warn: bool 
     }
     kept = {key: value for key, value in source.items() if key not in options}
     if "_class_name" in kept:
-        kept["_class_name"] = CLASS_NAME
+        kept["_class_name"] = class_name
     unexpected = {k: v for k, v in kept.items() if not str(k).startswith("_") and k not in FOREIGN_SCHEDULER_KEYS}
     if unexpected and warn:
         warnings.warn(
-            f"{owner}: config keys {sorted(unexpected)} are not used by {CLASS_NAME} and are ignored", stacklevel=3
+            f"{owner}: config keys {sorted(unexpected)} are not used by {class_name} and are ignored", stacklevel=3
         )
     unused = {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
     return options, unused, kept
@@ -243,12 +245,12 @@ def _json_value(value):
     return value
 
 
-def to_json_dict(config: Mapping) -> dict:
+def to_json_dict(config: Mapping, class_name: str = CLASS_NAME) -> dict:
     """The diffusers-format dict written to ``scheduler_config.json``: every key of the config, other schedulers'
     too, with ``_class_name`` and ``_diffusers_version``, but without ``_use_default_values`` (as diffusers
     writes it, a loaded file gives values for every option)."""
     out = {key: _json_value(value) for key, value in config.items() if key not in (USE_DEFAULT_VALUES, "_ignore_files")}
-    out["_class_name"] = CLASS_NAME
+    out["_class_name"] = class_name
     out["_diffusers_version"] = diffusers_format_version(config)
     return out
 

@@ -65,9 +65,30 @@ class PlanInfo:
     """Host-side facts of a plan: no arrays. Static under ``jax.jit``, so it compares by value: two plans
     made alike (say, one per request) share one compiled function instead of compiling one each."""
 
-    __slots__ = ("backend", "dtype", "device", "base", "options", "prediction_type", "churn", "index_dtype", "_key")
+    __slots__ = (
+        "backend",
+        "dtype",
+        "device",
+        "base",
+        "options",
+        "prediction_type",
+        "churn",
+        "index_dtype",
+        "eta",
+        "_key",
+    )
 
-    def __init__(self, backend, dtype, device, base: Schedule, options: dict, prediction_type: str, churn: tuple):
+    def __init__(
+        self,
+        backend,
+        dtype,
+        device,
+        base: Schedule,
+        options: dict,
+        prediction_type: str,
+        churn: tuple,
+        eta: float = 0.0,
+    ):
         self.backend = backend  #: the backend object every function of this module calls
         self.dtype = dtype  #: the working dtype of the plan's arrays
         self.device = device  #: where the plan's arrays live (``None``: the backend's default)
@@ -76,6 +97,7 @@ class PlanInfo:
         self.prediction_type = prediction_type  #: what the table expects the model to predict
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
         self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
+        self.eta = eta  #: the ancestral noise (0: deterministic; DPM2 a with eta > 0, see :func:`make_plan`)
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
         self._key = (
             backend.name,
@@ -86,6 +108,7 @@ class PlanInfo:
             tuple(sorted(options.items())),
             prediction_type,
             churn,
+            eta,
         )
         _static_under_jax(sys.modules.get("jax"))
 
@@ -120,7 +143,7 @@ class Plan(NamedTuple):
     timesteps: Array  #: (n,) float32: the timestep a diffusers-style model sees at each substep
     sigmas: Array  #: (n,) the sigma a denoiser sees at each substep
     input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)``
-    table: Array  #: (n, 6) the coefficient rows ``(a, b, c, p, q, first)``, see :mod:`kdpm2core.schedule`
+    table: Array  #: (n, 7) the coefficient rows ``(a, b, c, p, q, first, n)``, see :mod:`kdpm2core.schedule`
     noise: Array  #: (n,) standard deviation of the churn noise added before each substep (zeros: no churn)
     info: PlanInfo  #: host-side facts (static)
 
@@ -146,6 +169,7 @@ def make_plan(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    eta: float | None = None,
     **options,
 ) -> Plan:
     """Build a plan from a stateful scheduler, or from scheduler options.
@@ -162,7 +186,11 @@ def make_plan(
         s_churn: Total churn of k-diffusion's ``sample_dpm_2`` (0: deterministic).
         s_tmin: Churn only steps whose sigma is at least this.
         s_tmax: Churn only steps whose sigma is at most this.
-        s_noise: Scale of the churn noise.
+        s_noise: Scale of the churn noise, and of the ancestral noise.
+        eta: The ancestral sampler, DPM2 a (k-diffusion's ``sample_dpm_2_ancestral``): each step adds ``eta``
+            times the noise the forward process removed (1: diffusers' ``KDPM2AncestralDiscreteScheduler``;
+            0: deterministic). ``None``: the source scheduler's (1 for the ancestral class), else 0. An
+            ancestral plan's :func:`step` takes ``noise=``; :func:`sample` draws it.
         **options: Scheduler options (``beta_schedule=...``, ``use_karras_sigmas=...``), without ``source``.
 
     Returns:
@@ -197,7 +225,18 @@ def make_plan(
         prediction_type or validated["prediction_type"],
         (0.0, 0.0, math.inf, 1.0),
     )
-    return _with(info, prediction_type=info.prediction_type, churn=_check_churn(s_churn, s_tmin, s_tmax, s_noise))
+    if eta is None:
+        eta = getattr(source, "_eta", 0.0)
+    churn = _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    return _with(info, prediction_type=info.prediction_type, churn=churn, eta=_check_eta(eta, churn))
+
+
+def _check_eta(eta, churn: tuple) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite Python number >= 0 (it is folded into the plan), got {eta!r}")
+    if eta > 0 and churn[0] > 0:
+        raise ValueError("eta > 0 (the ancestral sampler) and s_churn > 0 cannot be combined; k-diffusion has neither")
+    return float(eta)
 
 
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> tuple:
@@ -223,12 +262,14 @@ def _gammas(base: Schedule, churn: tuple) -> np.ndarray:
     return np.where((step_sigmas >= s_tmin) & (step_sigmas <= s_tmax), gamma, 0.0)
 
 
-def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
-    """The plan for ``info``'s schedule with another prediction type or churn (host math, then one transfer)."""
+def _with(info: PlanInfo, *, prediction_type: str, churn: tuple, eta: float) -> Plan:
+    """The plan for ``info``'s schedule with another prediction type, churn or eta (host math, then one
+    transfer)."""
     base = info.base
-    info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn)
+    info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn, eta)
     gammas = _gammas(base, churn)
-    if not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
+    deterministic = eta == 0 and not np.any(base.table[:, 6])
+    if deterministic and not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
         timesteps, sigma_in, table = base.timesteps, base.sigma_in, base.table  # bit-identical to the scheduler
         noise = np.zeros_like(sigma_in)
     else:
@@ -236,11 +277,14 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
         step_sigmas = base.sigma_in[euler]
         sigma_next = np.append(step_sigmas[1:], base.sigmas[-1])
         sigma_hat = step_sigmas * (1.0 + gammas)
-        sigma_in, midpoint, table, step_of_row = substep_table(sigma_hat, sigma_next, prediction_type)
+        sigma_in, midpoint, table, step_of_row = substep_table(
+            sigma_hat, sigma_next, prediction_type, eta=eta, s_noise=churn[3]
+        )
         raised = gammas[step_of_row] > 0
         log_sigmas = training_table_for(info.options).log_sigmas
-        # unchurned steps keep the scheduler's timesteps; raised sigmas get the timestep of their own sigma
-        timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
+        # unchurned steps keep the scheduler's timesteps; midpoints and raised sigmas get their own sigma's
+        step_t = base.timesteps[euler][step_of_row]
+        timesteps = np.where(raised | midpoint, sigma_to_t(sigma_in, log_sigmas), step_t)
         added = churn[3] * np.sqrt(np.maximum(sigma_hat**2 - step_sigmas**2, 0.0))
         noise = np.where(midpoint, 0.0, added[step_of_row])
     backend, dtype, device = info.backend, info.dtype, info.device
@@ -334,7 +378,9 @@ def model_inputs(plan: Plan, state: State, sample: Array, *, denoiser: bool = Fa
     return sample * _row(plan, state, plan.input_scale), _row(plan, state, plan.timesteps)
 
 
-def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None) -> tuple[tuple[Array, Array], State]:
+def step(
+    plan: Plan, state: State, model_output: Array, sample: Array, out=None, *, noise: Array | None = None
+) -> tuple[tuple[Array, Array], State]:
     """One substep: ``((prev_sample, pred_original_sample), new_state)``.
 
     Args:
@@ -344,13 +390,24 @@ def step(plan: Plan, state: State, model_output: Array, sample: Array, out=None)
         sample: The current sample; never modified.
         out: Optional pair of buffers for the two results (backends with in-place arrays write into them,
             so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
+        noise: Standard normal noise like ``sample``, on every substep of an ancestral plan (``eta > 0``; the
+            table's ``n`` scales it: 0 except on midpoint substeps); None otherwise.
     """
     _check_dtype(plan, sample)
-    _check_like(
-        plan, sample, model_output=model_output, **({} if out is None else {"out[0]": out[0], "out[1]": out[1]})
-    )
-    a, b, c, p, q, _ = (_row(plan, state, plan.table)[j] for j in range(6))
+    ancestral = plan.info.eta > 0
+    if ancestral != (noise is not None):
+        raise ValueError(
+            "an ancestral plan (eta > 0) takes standard normal noise= on every substep"
+            if ancestral
+            else "noise= is for ancestral plans only (make_plan(..., eta=1.0))"
+        )
+    extra = {} if out is None else {"out[0]": out[0], "out[1]": out[1]}
+    _check_like(plan, sample, model_output=model_output, **extra, **({"noise": noise} if ancestral else {}))
+    row = _row(plan, state, plan.table)
+    a, b, c, p, q = (row[j] for j in range(5))
     extra = {} if out is None else {"out": out}
+    if ancestral:
+        extra.update(n=row[6], noise=noise)
     prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)
     return (prev, pred), State(state.index + 1, sample)
 
@@ -390,8 +447,10 @@ def sample(
     s_tmin: float | None = None,
     s_tmax: float | None = None,
     s_noise: float | None = None,
+    eta: float | None = None,
     seed: int | None = None,
     rng: Any = None,
+    noise: Callable[[Array], Array] | None = None,
     start: int = 0,
 ) -> Array:
     """Run the whole schedule from ``x`` (noise already scaled by :func:`init_noise_sigma`) with the backend's
@@ -410,9 +469,13 @@ def sample(
         s_churn: Churn as k-diffusion's ``sample_dpm_2``; ``None`` keeps the plan's (see :func:`make_plan`).
         s_tmin: Churn only steps with sigma at least this (``None``: the plan's).
         s_tmax: Churn only steps with sigma at most this (``None``: the plan's).
-        s_noise: Scale of the churn noise (``None``: the plan's).
-        seed: Seed of the backend's generator for the churn noise.
+        s_noise: Scale of the churn and ancestral noise (``None``: the plan's).
+        eta: The ancestral noise, as :func:`make_plan` takes it (``None``: the plan's).
+        seed: Seed of the backend's generator for the churn or ancestral noise.
         rng: A generator state from ``backend.rng`` instead of ``seed`` (on JAX a key; may be traced).
+        noise: Instead of ``seed`` or ``rng``: ``noise(index) -> standard normal noise like x``, called on every
+            substep with the substep index (a 0-d integer array, traced in a compiled loop); the plan's
+            coefficients scale it (0 where a substep adds none).
         start: The substep to start at (an Euler substep, as :func:`init` takes), for img2img: ``x`` is then the
             image's latents noised to that substep's sigma, as the stateful scheduler's ``set_begin_index``
             and ``add_noise`` prepare them.
@@ -421,24 +484,34 @@ def sample(
     info = plan.info
     given = (s_churn, s_tmin, s_tmax, s_noise)
     churn = _check_churn(*(old if new is None else new for new, old in zip(given, info.churn)))
+    eta = _check_eta(info.eta if eta is None else eta, churn)
     prediction_type = "sample" if denoiser else info.prediction_type  # a denoiser predicts the clean sample
-    if churn != info.churn or prediction_type != info.prediction_type:
-        plan = _with(info, prediction_type=prediction_type, churn=churn)
+    if churn != info.churn or prediction_type != info.prediction_type or eta != info.eta:
+        plan = _with(info, prediction_type=prediction_type, churn=churn, eta=eta)
         info = plan.info
     backend = info.backend
-    churned = info.churned
-    if churned and rng is None:
+    churned, ancestral = info.churned, info.eta > 0
+    if (churned or ancestral) and rng is None and noise is None:
         if seed is None:
-            raise ValueError("s_churn > 0 adds noise: pass seed= or rng= so that the result is reproducible")
+            raise ValueError("s_churn > 0 or eta > 0 adds noise: pass seed=, rng= or noise= for a reproducible result")
         rng = backend.rng(seed) if info.device is None else backend.rng(seed, device=info.device)
+
+    def draw(state, rng, x):
+        if noise is not None:
+            return noise(state.index), rng
+        return backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
 
     def body(_, carry):
         x, state, rng = carry
         if churned:  # host-side constant: the churn-free loop is exactly the scheduler's
-            eps, rng = backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
+            eps, rng = draw(state, rng, x)
             x = x + eps * _row(plan, state, plan.noise)
         output = model(*model_inputs(plan, state, x, denoiser=denoiser))
-        (x, _), state = step(plan, state, output, x)
+        if ancestral:
+            eps, rng = draw(state, rng, x)
+            (x, _), state = step(plan, state, output, x, noise=eps)
+        else:
+            (x, _), state = step(plan, state, output, x)
         return x, state, rng
 
     if not isinstance(start, numbers.Integral):  # a loop's length is a host number

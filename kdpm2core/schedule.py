@@ -13,8 +13,15 @@ single Euler substep. Each substep is two linear combinations whose coefficients
     prev_sample          = a * stored + b * sample + c * model_output
     pred_original_sample = p * sample + q * model_output
 
-so they form a table with one row ``(a, b, c, p, q, first)`` per substep; ``first`` is 1 on the Euler
+so they form a table with one row ``(a, b, c, p, q, first, n)`` per substep; ``first`` is 1 on the Euler
 substeps, whose ``sample`` the following midpoint substep needs as ``stored``.
+
+The ancestral sampler (DPM2 a) is the same table for other sigmas. Each step from ``s`` to ``s_next`` splits
+``s_next`` into ``s_down`` and ``s_up`` (k-diffusion's ``get_ancestral_step``; ``s_down**2 + s_up**2 ==
+s_next**2``), steps deterministically to ``s_down`` through ``sqrt(s * s_down)``, and the midpoint substep adds
+one more term, ``n * noise`` with ``n = s_noise * s_up`` and fresh standard normal noise. ``n`` is 0 on every
+other row: with ``eta = 0`` the table is the deterministic one, and a step whose ``s_down`` is 0 is one Euler
+substep without noise.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ __all__ = [
     "build_schedule",
     "schedule_request",
     "substep_table",
+    "ancestral_step",
     "training_table",
     "training_table_for",
     "sigma_to_t",
@@ -39,7 +47,7 @@ __all__ = [
     "TRAINING_OPTIONS",
 ]
 
-COLUMNS = ("a", "b", "c", "p", "q", "first")
+COLUMNS = ("a", "b", "c", "p", "q", "first", "n")
 #: the options the training table depends on, in :func:`training_table`'s argument order
 TRAINING_OPTIONS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
@@ -57,7 +65,7 @@ class Schedule(NamedTuple):
     timesteps: np.ndarray  # float64, one model timestep per substep
     sigmas: np.ndarray  # float64 holding float32 values, diffusers' layout [s0, s1, s1, ..., sn, sn, sn]
     sigma_in: np.ndarray  # float64, the sigma the model sees at each substep
-    table: np.ndarray  # float64, shape (substeps, 6), columns COLUMNS
+    table: np.ndarray  # float64, shape (substeps, 7), columns COLUMNS
     init_noise_sigma: float
 
 
@@ -170,19 +178,41 @@ def _sigma_family(config: Mapping, sigmas: np.ndarray, num_steps: int) -> np.nda
     return sigmas
 
 
-def substep_table(sigma_hat: np.ndarray, sigma_next: np.ndarray, prediction_type: str):
+def ancestral_step(sigma: np.ndarray, sigma_next: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(sigma_down, sigma_up)`` of steps from ``sigma`` to ``sigma_next``: ``sigma_up = min(sigma_next, eta *
+    sqrt(sigma_next**2 (sigma**2 - sigma_next**2) / sigma**2))``, ``sigma_down = sqrt(sigma_next**2 -
+    sigma_up**2)``; ``eta = 0`` gives ``(sigma_next, 0)`` exactly.
+
+    ``sigma_down`` is computed as ``sigma_next * sqrt((1 - eta**2) + eta**2 (sigma_next / sigma)**2)``, its
+    algebraic equal: the difference of squares cancels catastrophically when ``sigma >> sigma_next`` (float32
+    loses every digit of ``sigma_down = sigma_next**2 / sigma`` at ``eta = 1`` on a first step from sigma 2e4)."""
+    if eta == 0:
+        return sigma_next, np.zeros_like(sigma_next)
+    ratio = np.divide(sigma_next, sigma, out=np.zeros_like(sigma_next), where=sigma > 0)
+    up = np.minimum(sigma_next, eta * sigma_next * np.sqrt(np.maximum(1.0 - ratio**2, 0.0)))
+    down = sigma_next * np.sqrt(np.maximum((1.0 - eta**2) + eta**2 * ratio**2, 0.0))
+    return np.where(up < sigma_next, down, 0.0), up
+
+
+def substep_table(
+    sigma_hat: np.ndarray, sigma_next: np.ndarray, prediction_type: str, *, eta: float = 0.0, s_noise: float = 1.0
+):
     """Rows of the coefficient table for steps from ``sigma_hat[i]`` to ``sigma_next[i]`` (float64).
 
+    ``eta > 0`` makes the ancestral rows (see the module docstring): ``eta`` scales the noise each step adds
+    (1: as much as the forward process removed), ``s_noise`` the noise itself.
+
     Returns ``(sigma_in, mid_or_none, table, step_of_row)``: the sigma the model sees at each substep, whether
-    the row is a midpoint substep, the ``(substeps, 6)`` table, and the step each row belongs to.
+    the row is a midpoint substep, the ``(substeps, 7)`` table, and the step each row belongs to.
     """
     sigma_hat = np.asarray(sigma_hat, dtype=np.float64)
     sigma_next = np.asarray(sigma_next, dtype=np.float64)
-    two = sigma_next > 0  # a step to 0 is a single Euler substep
+    down, up = ancestral_step(sigma_hat, sigma_next, eta)
+    two = down > 0  # a step to 0 is a single Euler substep
     step = np.repeat(np.arange(sigma_hat.size), np.where(two, 2, 1))
     midpoint = np.zeros(step.size, dtype=bool)
     midpoint[1:] = step[1:] == step[:-1]
-    hat, nxt = sigma_hat[step], sigma_next[step]
+    hat, nxt = sigma_hat[step], down[step]
     mid = np.sqrt(hat) * np.sqrt(nxt)  # geometric mean without log(0): 0 when the step ends at 0
     sigma_in = np.where(midpoint, mid, hat)
     dt = np.where(midpoint, nxt - hat, mid - hat)
@@ -200,7 +230,8 @@ def substep_table(sigma_hat: np.ndarray, sigma_next: np.ndarray, prediction_type
     else:
         raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
     first = (~midpoint).astype(np.float64)
-    table = np.stack([a, b, c, p, q, first], axis=1)
+    n = np.where(midpoint, s_noise * up[step], 0.0)  # noise only after a midpoint substep (k-diffusion's rule)
+    table = np.stack([a, b, c, p, q, first, n], axis=1)
     return sigma_in, midpoint, table, step
 
 
@@ -229,9 +260,15 @@ def schedule_request(num_inference_steps, sigmas) -> int | None:
 
 
 def build_schedule(
-    config: Mapping, num_inference_steps: int | None = None, *, sigmas=None, num_train_timesteps: int | None = None
+    config: Mapping,
+    num_inference_steps: int | None = None,
+    *,
+    sigmas=None,
+    num_train_timesteps: int | None = None,
+    eta: float = 0.0,
 ) -> Schedule:
-    """The schedule ``set_timesteps`` installs, for a validated config (see :mod:`kdpm2core.config`)."""
+    """The schedule ``set_timesteps`` installs, for a validated config (see :mod:`kdpm2core.config`); ``eta > 0``
+    gives the ancestral sampler's (1: diffusers' ``KDPM2AncestralDiscreteScheduler``)."""
     train = training_table_for(config)
     if sigmas is not None:  # k-diffusion style: the whole decreasing sequence, final sigma included
         values = _check_custom_sigmas(sigmas).astype(np.float32).astype(np.float64)
@@ -254,7 +291,7 @@ def build_schedule(
         raise ValueError("the options give sigmas that are not finite and positive")
 
     sigma_next = np.append(step_sigmas[1:], final)
-    sigma_in, midpoint, table, step = substep_table(step_sigmas, sigma_next, config["prediction_type"])
+    sigma_in, midpoint, table, step = substep_table(step_sigmas, sigma_next, config["prediction_type"], eta=eta)
     timesteps = np.where(midpoint, sigma_to_t(sigma_in, train.log_sigmas), step_t[step])
     expanded = np.concatenate([step_sigmas[:1], np.repeat(sigma_next, 2), [final]])
     top = float(expanded.max())

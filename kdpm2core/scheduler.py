@@ -1,8 +1,11 @@
-"""``KDPM2DiscreteScheduler``: the stateful, diffusers-compatible face of the sampler.
+"""``KDPM2DiscreteScheduler`` and ``KDPM2AncestralDiscreteScheduler``: the stateful, diffusers-compatible faces
+of the sampler.
 
-Its attributes and semantics are diffusers': ``set_timesteps`` installs a schedule, and each ``step`` call
+Their attributes and semantics are diffusers': ``set_timesteps`` installs a schedule, and each ``step`` call
 advances ``step_index`` by one substep. Unlike diffusers, a step reads its row of the float64 coefficient
-table (:mod:`kdpm2core.schedule`) as Python floats: no device-side indexing and no host/device sync.
+table (:mod:`kdpm2core.schedule`) as Python floats: no device-side indexing and no host/device sync. Both classes
+are thin subclasses of one base: the ancestral one only builds its table with ``eta = 1`` and supplies the noise
+that the table's ``n`` column scales.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import inspect
 import json
 import operator
 import os
+import secrets
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -23,15 +27,23 @@ from typing import ClassVar
 import numpy as np
 
 from kdpm2core import config as _config
-from kdpm2core.backend import check_array
+from kdpm2core.backend import check_array, exactly
 from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
-from kdpm2core.schedule import TRAINING_OPTIONS, Schedule, build_schedule, schedule_request, training_table
+from kdpm2core.schedule import (
+    COLUMNS,
+    TRAINING_OPTIONS,
+    Schedule,
+    build_schedule,
+    schedule_request,
+    training_table,
+)
 
-__all__ = ["KDPM2DiscreteScheduler", "KDPM2DiscreteSchedulerOutput"]
+__all__ = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteSchedulerOutput"]
 
 VERSION = "0.1.0"
-STATE_FORMAT = "kdpm2.KDPM2DiscreteScheduler.state/1"
+STATE_FORMAT = "kdpm2.{}.state/1"  # the class name, so that a state resumes only in a scheduler of its own kind
+_SCALE = len(COLUMNS)  # the column of the device rows that holds the model input scale, after the table's
 # the diffusers schedulers that share KDPM2's config (diffusers' KarrasDiffusionSchedulers, its KDPM2's
 # ``_compatibles``): ``from_config`` builds each from the other's config
 DIFFUSERS_COMPATIBLES = (
@@ -127,7 +139,8 @@ def _recording_defaults(init):
     return wrapper
 
 
-class KDPM2DiscreteScheduler:
+# the one stateful base: KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler (at the end) only name it
+class _KDPM2Scheduler:
     """The KDPM2 sampler (DPM-Solver-2 / Algorithm 2 of Karras et al. 2022) with diffusers' interface.
 
     Args:
@@ -156,6 +169,7 @@ class KDPM2DiscreteScheduler:
     _compatibles: ClassVar[list[str]] = list(DIFFUSERS_COMPATIBLES)  # lists, as diffusers' are
     _deprecated_kwargs: ClassVar[list[str]] = []
     ignore_for_config: ClassVar[list[str]] = ["backend", "check_finite"]  # runtime choices, not options
+    _eta: ClassVar[float] = 0.0  # the ancestral noise of the table (0: deterministic), see kdpm2core.schedule
 
     @_recording_defaults
     def __init__(
@@ -246,7 +260,7 @@ class KDPM2DiscreteScheduler:
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (a scheduler's .config), got {type(config).__name__}")
         options, unused, kept = _config.split_config(
-            config, overrides, f"{cls.__name__}.from_config", warn=not return_unused_kwargs
+            config, overrides, f"{cls.__name__}.from_config", warn=not return_unused_kwargs, class_name=cls.__name__
         )
         scheduler = cls(**options, backend=backend, check_finite=check_finite)
         if kept:
@@ -293,7 +307,9 @@ class KDPM2DiscreteScheduler:
 
         As in diffusers, those two keys are then recorded in the config too, so that a scheduler loaded from the
         written file has this scheduler's config (less ``_use_default_values``: a file sets every option)."""
-        written = _config.to_json_dict({**self.config, **self._options()})  # checked first: a bad value is not written
+        written = _config.to_json_dict(
+            {**self.config, **self._options()}, type(self).__name__
+        )  # checked first: a bad value is not written
         self.register_to_config(_class_name=written["_class_name"], _diffusers_version=written["_diffusers_version"])
         return json.dumps(written, indent=2, sort_keys=True) + "\n"
 
@@ -352,7 +368,9 @@ class KDPM2DiscreteScheduler:
         if sigmas is not None and not isinstance(sigmas, (list, tuple, np.ndarray)):
             sigmas = self._backend.to_numpy(sigmas) if self._backend.owns(sigmas) else sigmas
         options = self._options()
-        host = build_schedule(options, num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps)
+        host = build_schedule(
+            options, num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps, eta=self._eta
+        )
         # what built this schedule, so that state_dict() can rebuild it exactly in another process
         self._schedule_config = self.config
         self._schedule_request = {
@@ -502,12 +520,12 @@ class KDPM2DiscreteScheduler:
         if k is None or k >= len(self._rows):
             k = self._current_row(timestep)
         if compiling:
-            return sample * self._device_rows[k][6]
+            return sample * self._device_rows[k][_SCALE]
         return sample * self._input_scale[k]
 
-    def step(self, model_output, timestep, sample, return_dict: bool = True):
-        """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
-        ``return_dict`` is true. Inputs are never modified."""
+    def _step(self, model_output, timestep, sample, generator, return_dict: bool):
+        """Advance one substep (the subclasses' ``step``). Returns ``(prev_sample, pred_original_sample)``, as an
+        output object when ``return_dict`` is true. Inputs are never modified."""
         if not (self._owns(sample) and self._owns(model_output)):
             self._check_array("sample", sample)
             self._check_array("model_output", model_output)
@@ -526,15 +544,20 @@ class KDPM2DiscreteScheduler:
             first = self._stored is None
             row = self._device_rows[k]
             a, b, c, p, q = (0.0 if first else 1.0), row[1], row[2], row[3], row[4]
+            n = 0.0 if first or not self._eta else row[6]  # only midpoint substeps add noise
         else:
-            a, b, c, p, q, first = self._rows[k]
+            a, b, c, p, q, first, n = self._rows[k]
             if a and self._stored is None:
                 raise ValueError(
                     f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index"
                 )
         if self.check_finite:
             self._require_finite(k, model_output=model_output, sample=sample)
-        prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
+        if exactly(n, 0):  # a Python zero: no noise term (a 0-d device coefficient always gets one)
+            prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
+        else:
+            noise = self._noise(model_output, generator, k)
+            prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output, n=n, noise=noise)
         if self.check_finite:
             self._require_finite(k, prev_sample=prev)
         self._stored = sample if first else None
@@ -583,13 +606,14 @@ class KDPM2DiscreteScheduler:
         same schedule (a different kdpm2 version might not).
         """
         return {
-            "format": STATE_FORMAT,
+            "format": self._state_format(),
             "config": _config.to_state_config(self._schedule_config, VERSION),
             "schedule": dict(self._schedule_request),
             "schedule_sha256": self._schedule_digest(),
             "step_index": self._step_index,
             "begin_index": self._begin_index,
             "stored": self._stored,
+            **self._noise_state(),
         }
 
     def load_state_dict(self, state: dict, device=None) -> None:
@@ -602,10 +626,11 @@ class KDPM2DiscreteScheduler:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         expected = {"format", "config", "schedule", "schedule_sha256", "step_index", "begin_index", "stored"}
+        expected |= set(self._noise_state())
         if set(state) != expected:
             raise ValueError(f"state has keys {sorted(state)}; expected {sorted(expected)}")
-        if state["format"] != STATE_FORMAT:
-            raise ValueError(f"state format is {state['format']!r}; this kdpm2 reads {STATE_FORMAT!r}")
+        if state["format"] != self._state_format():
+            raise ValueError(f"state format is {state['format']!r}; this scheduler reads {self._state_format()!r}")
         config, schedule = state["config"], state["schedule"]
         if not isinstance(config, dict):
             raise TypeError(f"state['config'] must be a dict, got {type(config).__name__}")
@@ -628,6 +653,7 @@ class KDPM2DiscreteScheduler:
         restored = _config.from_state_config(config)
         fresh = type(self)(**_config.validate_config(restored), backend=self._backend, check_finite=self.check_finite)
         fresh._internal_dict = restored  # with its other keys, and the options left at their defaults
+        fresh._load_noise_state(state)
         fresh.set_timesteps(schedule["num_inference_steps"], device, schedule["num_train_timesteps"], sigmas=sigmas)
         if state["schedule_sha256"] != fresh._schedule_digest():
             raise ValueError(
@@ -647,6 +673,21 @@ class KDPM2DiscreteScheduler:
             raise ValueError(f"substep {step_index} is a midpoint substep: the state must hold the stored sample")
         fresh._step_index, fresh._begin_index, fresh._stored = step_index, begin_index, stored
         self.__dict__.update(fresh.__dict__)  # all checks passed: take the new state at once
+
+    @classmethod
+    def _state_format(cls) -> str:
+        return STATE_FORMAT.format(cls.__name__)
+
+    # -- noise (the ancestral subclass adds it; the deterministic scheduler has none) --------------------------
+    def _noise_state(self) -> dict:
+        """The entries of :meth:`state_dict` that say where the noise comes from."""
+        return {}
+
+    def _load_noise_state(self, state: dict) -> None:
+        """Take the noise entries of a checked ``state`` (see :meth:`_noise_state`)."""
+
+    def _noise(self, model_output, generator, k: int):
+        raise NotImplementedError  # unreachable: rows of a deterministic table have n = 0
 
     def _schedule_digest(self) -> str:
         host = self._host
@@ -668,3 +709,103 @@ def _optional_index(name: str, value, maximum: int) -> int | None:
     if not 0 <= value <= maximum:
         raise ValueError(f"state[{name!r}] must be in [0, {maximum}], got {value}")
     return value
+
+
+class KDPM2DiscreteScheduler(_KDPM2Scheduler):
+    __doc__ = _KDPM2Scheduler.__doc__
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        """Advance one substep. Returns ``(prev_sample, pred_original_sample)``, as an output object when
+        ``return_dict`` is true. Inputs are never modified."""
+        return self._step(model_output, timestep, sample, None, return_dict)
+
+
+class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
+    """DPM2 a, the ancestral KDPM2 sampler, with the interface of diffusers' class of the same name.
+
+    Each step goes from ``sigma`` down to ``sigma_down`` through the midpoint ``sqrt(sigma * sigma_down)``, then
+    adds ``sigma_up`` times fresh standard normal noise, with ``sigma_down**2 + sigma_up**2 == sigma_next**2``
+    (``eta = 1``, as diffusers); the last step, to 0, is one Euler substep without noise. The constructor takes
+    :class:`KDPM2DiscreteScheduler`'s arguments, and ``noise_seed``.
+
+    Where the noise comes from: ``step(..., generator=g)`` draws it from ``g``, a generator of the backend
+    (``torch.Generator``, ``numpy.random.Generator``; or a list of them, one per batch item), exactly as
+    diffusers does with ``randn_tensor``, so that a pipeline given a generator makes diffusers' images. Without
+    a generator it is a function of ``noise_seed`` and the substep alone (random when not given; read or set it
+    as the attribute ``noise_seed``), so :meth:`state_dict` holds the whole noise state and a resumed run adds
+    the same noise. A generator is the caller's: save its state (``generator.get_state()``) beside the
+    scheduler's to resume such a run.
+    """
+
+    _eta = 1.0
+
+    def __init__(self, *args, noise_seed: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise_seed = noise_seed
+
+    __init__.__signature__ = inspect.signature(_KDPM2Scheduler.__init__).replace(
+        parameters=[
+            *inspect.signature(_KDPM2Scheduler.__init__).parameters.values(),
+            inspect.Parameter("noise_seed", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
+        ]
+    )
+
+    @property
+    def noise_seed(self) -> int:
+        """The seed of the noise drawn without a generator (a non-negative integer below ``2**63``)."""
+        return self._noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed) -> None:
+        if seed is None:
+            seed = secrets.randbits(63)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise TypeError(f"noise_seed must be None or an integer in [0, 2**63), got {seed!r}")
+        self._noise_seed = seed
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+        """Advance one substep; a midpoint substep adds ``sigma_up`` times noise from ``generator`` (see the
+        class). Returns ``(prev_sample, pred_original_sample)``, as an output object when ``return_dict`` is
+        true. Inputs are never modified."""
+        return self._step(model_output, timestep, sample, generator, return_dict)
+
+    def _noise(self, model_output, generator, k: int):
+        backend = self._backend
+        shape, dtype, device = tuple(model_output.shape), model_output.dtype, backend.device_of(model_output)
+        if generator is None:
+            return _seeded_normal(backend, self._noise_seed, k, shape, dtype, device)
+        if not isinstance(generator, (list, tuple)):
+            return _draw(backend, generator, shape, dtype, device)
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators but the batch has {shape[0]} items")
+        parts = [_draw(backend, g, (1, *shape[1:]), dtype, device) for g in generator]  # one per item, as diffusers
+        return backend.xp.concat(parts, axis=0)
+
+    def _noise_state(self) -> dict:
+        return {"noise_seed": self._noise_seed}
+
+    def _load_noise_state(self, state: dict) -> None:
+        try:
+            self.noise_seed = state["noise_seed"]
+        except TypeError as error:
+            raise TypeError(f"state['noise_seed']: {error}") from None
+
+
+def _draw(backend, generator, shape: tuple, dtype, device):
+    """Standard normal noise from the caller's generator, which must advance in place (as diffusers' do)."""
+    noise, after = backend.normal(generator, shape, dtype=dtype, device=device)
+    if after is not generator:
+        raise TypeError(
+            f"generator must be a generator that advances in place (backend {backend.name!r} returned a new one, "
+            "so every step would get the same noise); leave generator=None to use the scheduler's noise_seed"
+        )
+    return noise
+
+
+def _seeded_normal(backend, seed: int, k: int, shape: tuple, dtype, device):
+    """Standard normal noise that depends only on ``(seed, substep k)``: a backend generator seeded from both."""
+    mixed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    noise, _ = backend.normal(
+        backend.rng(mixed) if device is None else backend.rng(mixed, device=device), shape, dtype=dtype, device=device
+    )
+    return noise

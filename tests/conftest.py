@@ -62,8 +62,9 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / (scale if scale > 0 else 1.0))
 
 
-def diffusers_kdpm2(**options):
-    """diffusers' ``KDPM2DiscreteScheduler(**options)``, built without the schedule its constructor computes.
+def diffusers_kdpm2(*, ancestral: bool = False, **options):
+    """diffusers' ``KDPM2DiscreteScheduler(**options)`` (``KDPM2AncestralDiscreteScheduler`` when ``ancestral``),
+    built without the schedule its constructor computes.
 
     That schedule is for ``num_train_timesteps`` steps and costs up to a second with a sigma family, only to
     be replaced by the test's own ``set_timesteps`` call, which is never patched. Betas and alphas_cumprod
@@ -71,14 +72,16 @@ def diffusers_kdpm2(**options):
     """
     from unittest import mock
 
+    import diffusers
     import torch
-    from diffusers import KDPM2DiscreteScheduler
+
+    cls = diffusers.KDPM2AncestralDiscreteScheduler if ancestral else diffusers.KDPM2DiscreteScheduler
 
     def no_schedule(self, *args, **kwargs):
         self.sigmas = torch.zeros(1)  # the constructor moves self.sigmas to the CPU afterwards
 
-    with mock.patch.object(KDPM2DiscreteScheduler, "set_timesteps", no_schedule):
-        return KDPM2DiscreteScheduler(**options)
+    with mock.patch.object(cls, "set_timesteps", no_schedule):
+        return cls(**options)
 
 
 def scheduler_options(beta="linear", family=None, spacing="linspace", offset=0, *, trained_betas=None, **extra) -> dict:

@@ -325,7 +325,7 @@ def test_torch_step_stays_differentiable():
     output = torch.tanh(x)
     prev, pred = scheduler.step(output, scheduler.timesteps[0], x, return_dict=False)
     (prev.sum() + pred.sum()).backward()
-    a, b, c, p, q, _ = scheduler._rows[0]
+    a, b, c, p, q, *_ = scheduler._rows[0]
     derivative = 1 - torch.tanh(x.detach()) ** 2  # d tanh
     expected = (b + p) + (c + q) * derivative
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ denoiser and the same sigmas: the same trajectory up to the rounding of two eval
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -46,3 +47,75 @@ def test_sample_equals_k_diffusion_sample_dpm_2(dtype, steps):
     assert ours.dtype == dtype and error <= bound, f"max difference {error:.3g} > bound {bound:.3g} (scale {scale:.3g})"
     if dtype == torch.float64:
         assert error <= 1e-12 * scale  # the issue's float64 figure; the bound above is tighter
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("steps", "eta", "s_noise"), [(5, 1.0, 1.0), (10, 1.0, 1.0), (25, 0.5, 0.8), (10, 1.3, 1.0)])
+def test_sample_equals_k_diffusion_sample_dpm_2_ancestral(dtype, steps, eta, s_noise):
+    """DPM2 a given the same noise: k-diffusion draws one noise array per step (``noise_sampler``); our loop asks
+    for noise on every substep (``noise(index)``) and uses it on the midpoint substep of each step that has
+    one, so substep ``index`` gets the noise of the step it belongs to. eta = 1.3 clamps steps to
+    sigma_up = sigma_next, sigma_down = 0: one Euler substep and no noise, in both.
+
+    k-diffusion computes ``sigma_down = sqrt(sigma_next**2 - sigma_up**2)``, which loses ``u * (sigma /
+    sigma_next)**2`` relative accuracy (see kdpm2core.schedule.ancestral_step, which avoids it): the schedules
+    here keep consecutive sigmas within a ratio of 8.4 (5 Karras steps), where that is below the bound; on fewer,
+    wider steps k-diffusion's own rounding exceeds the bound, not ours."""
+    k = load_sampling()
+    sigmas = k.get_sigmas_karras(steps, 0.03, 14.6).to(torch.float32).to(dtype)
+    generator = torch.Generator().manual_seed(steps)
+    x = torch.randn(64, 2, generator=generator, dtype=dtype) * sigmas[0]
+    noises = torch.randn(steps, 64, 2, generator=generator, dtype=dtype)
+    drawn = iter(noises)
+    theirs = k.sample_dpm_2_ancestral(
+        gaussian_denoiser,
+        x.clone(),
+        sigmas,
+        disable=True,
+        eta=eta,
+        s_noise=s_noise,
+        noise_sampler=lambda *_: next(drawn),
+    )
+    plan = F.make_plan(
+        sigmas=sigmas.tolist(),
+        backend="torch",
+        dtype=str(dtype).removeprefix("torch."),
+        prediction_type="sample",
+        eta=eta,
+        s_noise=s_noise,
+    )
+    step_of = torch.from_numpy(np.cumsum(_euler_rows(plan)) - 1).long()
+    ours = F.sample(plan, gaussian_denoiser, x.clone(), denoiser=True, noise=lambda index: noises[step_of[index]])
+    # As the deterministic test above, plus the noise term: k-diffusion rounds s_noise * sigma_up, the product
+    # with the noise and the sum (3 roundings), ours the coefficient and one multiply-add (3 at most), on values
+    # within the scale: 2 sides x (12 + 3) u x substeps of the scale. The map stays non-expansive (adding noise is
+    # a shift that does not depend on x).
+    u = torch.finfo(dtype).eps / 2
+    substeps = F.num_substeps(plan)
+    scale = float(torch.maximum(x.abs().max(), theirs.abs().max()))
+    bound = 2 * 15 * u * substeps * scale
+    error = float((ours - theirs).abs().max())
+    assert ours.dtype == dtype and error <= bound, f"max difference {error:.3g} > bound {bound:.3g} (scale {scale:.3g})"
+    if dtype == torch.float64:
+        assert error <= 1e-12 * scale
+    else:
+        assert error <= 1e-5 * scale
+
+
+def _euler_rows(plan):
+    """1 on each step's first (Euler) substep: the row at which a step starts."""
+    return plan.table[:, 5].cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eta_zero_is_the_deterministic_sampler_bit_for_bit(dtype):
+    sigmas = load_sampling().get_sigmas_karras(10, 0.03, 14.6).to(torch.float32).tolist()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=dtype) * sigmas[0]
+    name = str(dtype).removeprefix("torch.")
+    deterministic = F.make_plan(sigmas=sigmas, backend="torch", dtype=name, prediction_type="sample")
+    zero = F.make_plan(sigmas=sigmas, backend="torch", dtype=name, prediction_type="sample", eta=0.0)
+    assert torch.equal(zero.table, deterministic.table)
+    ours = F.sample(zero, gaussian_denoiser, x.clone(), denoiser=True)
+    assert torch.equal(ours, F.sample(deterministic, gaussian_denoiser, x.clone(), denoiser=True))
+    ancestral = F.make_plan(sigmas=sigmas, backend="torch", dtype=name, prediction_type="sample", eta=1.0)
+    assert not torch.equal(F.sample(ancestral, gaussian_denoiser, x.clone(), denoiser=True, seed=0), ours)

@@ -30,14 +30,15 @@ class NumpyBackend(ArrayAPIBackend):
     def multiply_add(self, acc, coef, x, out=None):
         return np.add(acc, x if exactly(coef, 1) else np.multiply(x, coef), out=out)
 
-    def update(self, a, b, c, p, q, stored, sample, model_output, out=None):
+    def update(self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None):
         """As the core's, refusing ``out`` buffers that overlap an input: writing the first result would
         change what the second reads."""
-        if out is not None and any(
-            np.may_share_memory(buffer, x) for buffer in out for x in (stored, sample, model_output) if x is not None
-        ):
-            raise ValueError("out buffers must not overlap sample, model_output or the stored sample (state.stored)")
-        return super().update(a, b, c, p, q, stored, sample, model_output, out=out)
+        inputs = (stored, sample, model_output, noise)
+        if out is not None and any(np.may_share_memory(buffer, x) for buffer in out for x in inputs if x is not None):
+            raise ValueError(
+                "out buffers must not overlap sample, model_output, noise or the stored sample (state.stored)"
+            )
+        return super().update(a, b, c, p, q, stored, sample, model_output, out=out, n=n, noise=noise)
 
     def lincomb(self, terms, out=None):
         """The core's :meth:`~kdpm2core.backend.ArrayAPIBackend.lincomb`, one :data:`CHUNK` at a time.

@@ -115,7 +115,7 @@ def test_functional_steps_equal_the_scheduler(kdpm2_case, prediction_type):
             ):
                 _identical(case, ours, theirs, f"{what}: {name}")
         else:
-            a, b, c, p, q, _ = rows[k]
+            a, b, c, p, q, *_ = rows[k]
             for path, (sample, stored, out, results, model_input) in {
                 "stateful": (x, before_x, output, (prev, pred), scaled),
                 "functional": (y, state.stored, f_output, (f_prev, f_pred), f_scaled),
