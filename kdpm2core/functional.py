@@ -75,6 +75,7 @@ class PlanInfo:
         "churn",
         "index_dtype",
         "eta",
+        "ancestral",
         "_key",
     )
 
@@ -98,6 +99,8 @@ class PlanInfo:
         self.churn = churn  #: ``(s_churn, s_tmin, s_tmax, s_noise)``
         self.index_dtype = _index_dtype(backend.xp)  #: the dtype of ``State.index``
         self.eta = eta  #: the ancestral noise (0: deterministic; DPM2 a with eta > 0, see :func:`make_plan`)
+        # a bool, not a float comparison: torch.compile(dynamic=True) makes float attributes symbolic
+        self.ancestral = bool(eta > 0)  #: whether each step takes noise
         schedule = tuple(np.ascontiguousarray(values).tobytes() for values in base[:4]) + (base.init_noise_sigma,)
         self._key = (
             backend.name,
@@ -394,7 +397,7 @@ def step(
             table's ``n`` scales it: 0 except on midpoint substeps); None otherwise.
     """
     _check_dtype(plan, sample)
-    ancestral = plan.info.eta > 0
+    ancestral = plan.info.ancestral
     if ancestral != (noise is not None):
         raise ValueError(
             "an ancestral plan (eta > 0) takes standard normal noise= on every substep"
@@ -490,7 +493,7 @@ def sample(
         plan = _with(info, prediction_type=prediction_type, churn=churn, eta=eta)
         info = plan.info
     backend = info.backend
-    churned, ancestral = info.churned, info.eta > 0
+    churned, ancestral = info.churned, info.ancestral
     if (churned or ancestral) and rng is None and noise is None:
         if seed is None:
             raise ValueError("s_churn > 0 or eta > 0 adds noise: pass seed=, rng= or noise= for a reproducible result")

@@ -43,7 +43,9 @@ __all__ = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2Di
 
 VERSION = "0.1.0"
 STATE_FORMAT = "kdpm2.{}.state/1"  # the class name, so that a state resumes only in a scheduler of its own kind
-_SCALE = len(COLUMNS)  # the column of the device rows that holds the model input scale, after the table's
+# the table's columns a traced step reads (b, c, p, q, n), then the model input scale: the device rows
+_TRACED = tuple(COLUMNS.index(name) for name in "bcpqn")
+_SCALE = len(_TRACED)
 # the diffusers schedulers that share KDPM2's config (diffusers' KarrasDiffusionSchedulers, its KDPM2's
 # ``_compatibles``): ``from_config`` builds each from the other's config
 DIFFUSERS_COMPATIBLES = (
@@ -387,7 +389,7 @@ class _KDPM2Scheduler:
         # the same rows as one small float32 device array (float32: every device has it), read only while
         # torch.compile traces us: indexing it with the step index keeps one graph for every step
         self._device_rows = backend.asarray(
-            np.column_stack([host.table, self._input_scale]).astype(np.float32), device=placed
+            np.column_stack([host.table[:, _TRACED], self._input_scale]).astype(np.float32), device=placed
         )
         self._host_timesteps = host.timesteps.astype(np.float32)
         self._first_timestep = float(self._host_timesteps[0])
@@ -543,8 +545,8 @@ class _KDPM2Scheduler:
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
             first = self._stored is None
             row = self._device_rows[k]
-            a, b, c, p, q = (0.0 if first else 1.0), row[1], row[2], row[3], row[4]
-            n = 0.0 if first or not self._eta else row[6]  # only midpoint substeps add noise
+            a, (b, c, p, q) = (0.0 if first else 1.0), (row[0], row[1], row[2], row[3])
+            n = 0.0 if first or not self._eta else row[4]  # only midpoint substeps add noise
         else:
             a, b, c, p, q, first, n = self._rows[k]
             if a and self._stored is None:

@@ -186,3 +186,47 @@ def test_sharded_steps_keep_their_sharding_and_never_gather():
         "loop_collectives": [],
         "finite": True,
     }
+
+
+def test_ancestral_loop_traces_once_under_jit():
+    """DPM2 a under one jax.jit: the noise callable gets the traced substep index; the result equals the same
+    loop on NumPy given the same noise (float32 both sides; 1e-5 relative: each substep rounds a handful of
+    times per side, over 11 substeps, and XLA may fuse a multiply-add)."""
+    traces = []
+
+    def model(scaled, timestep):
+        traces.append(1)
+        return jnp.tanh(0.7 * scaled) + 0.2 * scaled * jnp.sin(timestep / 200.0)
+
+    plan = F.make_plan(num_inference_steps=6, backend="jax", eta=1.0)
+    noises = np.random.default_rng(3).standard_normal((F.num_substeps(plan), 2, 4, 8, 8)).astype(np.float32)
+    on_device = jnp.asarray(noises)
+    run = jax.jit(lambda p, x: F.sample(p, model, x, noise=lambda index: on_device[index]))
+    x0 = initial_noise((2, 4, 8, 8)) * F.init_noise_sigma(plan)
+    got = np.asarray(run(plan, jnp.asarray(x0)))
+    run(plan, jnp.asarray(x0) * 0.5)
+    assert len(traces) == 1
+    host = F.make_plan(num_inference_steps=6, backend="numpy", eta=1.0)
+    expected = F.sample(
+        host,
+        lambda scaled, t: np.tanh(0.7 * scaled) + 0.2 * scaled * np.sin(t / 200.0),
+        x0.astype(np.float32),
+        noise=lambda index: noises[int(index)],
+    )
+    assert relative_error(got, expected) < 1e-5
+    deterministic = F.sample(
+        F.make_plan(num_inference_steps=6, backend="numpy"),
+        lambda s, t: np.tanh(0.7 * s) + 0.2 * s * np.sin(t / 200.0),
+        x0.astype(np.float32),
+    )
+    assert relative_error(got, deterministic) > 1e-2  # the noise is there
+
+
+def test_ancestral_with_a_key_under_jit():
+    """seed= draws the noise from JAX keys carried through lax.fori_loop: the same seed gives the same result."""
+    plan = F.make_plan(num_inference_steps=4, backend="jax", eta=1.0)
+    run = jax.jit(lambda p, x, key: F.sample(p, lambda s, t: 0.3 * s, x, rng=key))
+    x0 = jnp.asarray(initial_noise((1, 4, 8, 8)) * F.init_noise_sigma(plan))
+    a, b = run(plan, x0, jax.random.key(0)), run(plan, x0, jax.random.key(0))
+    c = run(plan, x0, jax.random.key(1))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.allclose(np.asarray(a), np.asarray(c))

@@ -153,3 +153,26 @@ def test_closure_without_begin_index_asks_for_it():
         assert str(exc).startswith("under torch.compile the scheduler cannot find") and "\n" not in str(exc), str(exc)
     else:
         _assert_same_substeps(compiled, _loop(None, begin_index=False))
+
+
+def test_functional_ancestral_step_compiles_into_one_graph():
+    """DPM2 a: the step with its noise argument is one graph, with the eager numbers bit for bit."""
+    plan = F.make_plan(num_inference_steps=10, backend="torch", eta=1.0, use_karras_sigmas=True)
+    counter = GraphCounter()
+    torch._dynamo.reset()
+
+    def substep(state, x, noise):
+        scaled, timestep = F.model_inputs(plan, state, x)
+        return F.step(plan, state, _model(scaled, timestep), x, noise=noise)
+
+    compiled = torch.compile(substep, backend=counter, fullgraph=True)
+    x0 = torch.from_numpy(initial_noise((2, 4, 8, 8)) * F.init_noise_sigma(plan))
+    x, state = x0, F.init(plan, x0)
+    y, reference = x0, F.init(plan, x0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(F.num_substeps(plan)):
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        (x, _), state = compiled(state, x, noise)
+        (y, _), reference = substep(reference, y, noise)
+        assert torch.equal(x, y)
+    assert counter.graphs == 1
