@@ -16,6 +16,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 from diffusers import (  # noqa: E402
+    KDPM2AncestralDiscreteScheduler as AncestralReference,
+)
+from diffusers import (
     KDPM2DiscreteScheduler as Reference,
 )
 from diffusers import (
@@ -24,7 +27,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from kdpm2core import KDPM2DiscreteScheduler  # noqa: E402
+from kdpm2core import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler  # noqa: E402
 
 import tiny_pipelines as tiny  # noqa: E402
 
@@ -46,13 +49,15 @@ def ours_from(pipe, **overrides):
     return KDPM2DiscreteScheduler.from_config(pipe.scheduler.config, backend="torch", **overrides)
 
 
-def compare(pipe, run, **overrides):
-    """Run ``run(pipe)`` with diffusers' KDPM2 (built from the pipeline's config) and with ours; returns the
-    max abs pixel difference and asserts the images are not trivially equal (blank, or NaN)."""
+def compare(pipe, run, *, classes=(Reference, KDPM2DiscreteScheduler), **overrides):
+    """Run ``run(pipe)`` with diffusers' KDPM2 (built from the pipeline's config) and with ours (``classes``:
+    diffusers', ours); returns the max abs pixel difference and asserts the images are not trivially equal
+    (blank, or NaN)."""
     config = dict(pipe.scheduler.config)
-    pipe.scheduler = Reference.from_config(config, **overrides)
+    reference, ours = classes
+    pipe.scheduler = reference.from_config(config, **overrides)
     expected = run(pipe)
-    pipe.scheduler = KDPM2DiscreteScheduler.from_config(config, backend="torch", **overrides)
+    pipe.scheduler = ours.from_config(config, backend="torch", **overrides)
     got = run(pipe)
     assert np.all(np.isfinite(expected)) and expected.std() > 1e-3  # a real image, not a constant
     assert got.shape == expected.shape
@@ -126,3 +131,46 @@ def test_saved_pipeline_reloads_with_our_scheduler_passed_in(components, tmp_pat
     again = StableDiffusionPipeline.from_pretrained(tmp_path, scheduler=scheduler)
     assert isinstance(again.scheduler, KDPM2DiscreteScheduler) and again.scheduler.config.use_karras_sigmas
     np.testing.assert_array_equal(tiny.txt2img(again, steps=STEPS), expected)
+
+
+# ---- DPM2 a: the pipelines pass their generator to step (it has a ``generator`` parameter) ---------------------
+ANCESTRAL = (AncestralReference, KDPM2AncestralDiscreteScheduler)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}],
+    ids=["sd", "karras-v-trailing"],
+)
+def test_ancestral_txt2img(components, overrides):
+    pipe = StableDiffusionPipeline(**components)
+    assert compare(pipe, lambda p: tiny.txt2img(p, steps=STEPS), classes=ANCESTRAL, **overrides) <= ATOL
+
+
+def test_ancestral_img2img(components):
+    pipe = StableDiffusionImg2ImgPipeline(**components)
+    assert compare(pipe, lambda p: tiny.img2img(p, steps=STEPS, strength=0.6), classes=ANCESTRAL) <= ATOL
+
+
+@pytest.mark.parametrize("nine_channels", [True, False], ids=["9-channel", "4-channel"])
+def test_ancestral_inpaint(components, inpaint_components, nine_channels):
+    pipe = StableDiffusionInpaintPipeline(**(inpaint_components if nine_channels else components))
+    assert compare(pipe, lambda p: tiny.inpaint(p, steps=STEPS, strength=0.8), classes=ANCESTRAL) <= ATOL
+
+
+def test_ancestral_images_depend_on_the_step_noise(components):
+    """The bound above is tight enough to see the step noise: with the initial latents fixed, another generator
+    (which then only feeds step()) moves the image far beyond it."""
+    pipe = StableDiffusionPipeline(**components)
+    pipe.scheduler = KDPM2AncestralDiscreteScheduler.from_config(pipe.scheduler.config, backend="torch")
+    latents = torch.randn(
+        (1, 4, tiny.IMAGE_SIZE // 8, tiny.IMAGE_SIZE // 8), generator=torch.Generator().manual_seed(5)
+    )
+
+    def image(seed):
+        kwargs = tiny._common_kwargs(pipe, STEPS, seed)
+        images = pipe(latents=latents.clone(), **kwargs).images
+        assert images.shape == tiny.txt2img(pipe, steps=1).shape  # latents of the pipeline's own shape
+        return images
+
+    assert float(np.abs(image(0) - image(1)).max()) > 100 * ATOL
