@@ -163,9 +163,8 @@ def test_ancestral_images_depend_on_the_step_noise(components):
     (which then only feeds step()) moves the image far beyond it."""
     pipe = StableDiffusionPipeline(**components)
     pipe.scheduler = KDPM2AncestralDiscreteScheduler.from_config(pipe.scheduler.config, backend="torch")
-    latents = torch.randn(
-        (1, 4, tiny.IMAGE_SIZE // 8, tiny.IMAGE_SIZE // 8), generator=torch.Generator().manual_seed(5)
-    )
+    size = tiny.IMAGE_SIZE // pipe.vae_scale_factor  # the latents the pipeline would draw
+    latents = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(5))
 
     def image(seed):
         kwargs = tiny._common_kwargs(pipe, STEPS, seed)
