@@ -32,7 +32,9 @@ import numpy as np
 
 from kdpm2core import config as _config
 from kdpm2core.backend import check_array
-from kdpm2core.scheduler import KDPM2DiscreteScheduler
+from kdpm2core.scheduler import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+
+_SCHEDULERS = (KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)  # a checkpoint's state format names one
 
 __all__ = [
     "save_checkpoint",
@@ -92,7 +94,7 @@ def save_checkpoint(directory: str | os.PathLike, scheduler: KDPM2DiscreteSchedu
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, *, backend=None, device=None, scheduler_class=KDPM2DiscreteScheduler
+    directory: str | os.PathLike, *, backend=None, device=None, scheduler_class=None
 ) -> tuple[KDPM2DiscreteScheduler, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -100,7 +102,8 @@ def load_checkpoint(
         directory: The checkpoint directory.
         backend: Backend to resume on (default: the one that saved it).
         device: Device for the schedule and every array.
-        scheduler_class: The class to build (a subclass of :class:`KDPM2DiscreteScheduler`).
+        scheduler_class: The class to build (a subclass of :class:`KDPM2DiscreteScheduler` or
+            :class:`KDPM2AncestralDiscreteScheduler`); default: the class that saved the checkpoint.
 
     Returns:
         ``(scheduler, arrays)``: a scheduler positioned where the saved one was, and the saved arrays by name.
@@ -127,6 +130,11 @@ def load_checkpoint(
         if not isinstance(manifest["backend"], str):
             raise TypeError(f"{STATE_FILE}: 'backend' must be a string")
         backend = manifest["backend"]
+    if scheduler_class is None:
+        saved = manifest["state"].get("format")
+        scheduler_class = next(
+            (cls for cls in _SCHEDULERS if cls._state_format() == saved), KDPM2DiscreteScheduler
+        )  # an unknown format: load_state_dict names it
     scheduler = scheduler_class(backend=backend)
     placed = scheduler.backend.device(device)
     read = {}
