@@ -39,7 +39,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["normal", "initial_latent", "threefry2x32", "INITIAL_SUBSTEP"]
+__all__ = ["INITIAL_SUBSTEP", "initial_latent", "normal", "threefry2x32"]
 
 Array = Any
 

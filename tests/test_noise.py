@@ -1,18 +1,17 @@
-"""kdpm2core.noise: Threefry known answers, the mapping against an independent reference, the same noise on every
-backend, batch invariance, statistics, and jax.jit / torch.compile.
+"""kdpm2core.noise: Threefry against an independent implementation and JAX's, the mapping against an independent
+float64 reference, the same noise on every backend, statistics, jax.jit / torch.compile, and argument errors.
+The conformance suite (kdpm2core/testing/test_noise.py) adds, per backend, device and dtype: Random123's known
+answers, NumPy's bits and values, and batch invariance.
 
-Tolerances. The integer bits are exact everywhere (integers below 2**31). The floats are
-``sqrt(-2 log u1) * cos(angle)`` of the same float32 ``u1`` and ``angle`` on every library; NumPy's float32 log is
-within 4 ulp and cos within 2 ulp of exact (its accuracy tests, ``umath-validation-set-{log,cos}.csv``), sqrt and
-multiplication are correctly rounded. An ulp is at most ``2 eps`` of the value (eps = 2**-24), so two libraries
-differ in ``-2 log u1`` by at most 16 eps relative, in its square root by 8 eps plus two roundings, in the
-cosine by 8 eps, plus two roundings of the product: 20 eps relative to the value (``CROSS``). Against the float64
-truth, ``angle`` itself carries float32(2 pi) (0.47 eps) and one rounding: at most 1.47 eps * 2 pi = 9.3 eps
-absolute, times ``r``; with the kernels above, 20 eps * r bounds it (``TRUTH``).
+Tolerances: ``CROSS`` (20 eps relative between two libraries, eps = 2**-24) is derived in the conformance module.
+Against the float64 truth, ``angle`` itself carries float32(2 pi) (0.47 eps relative) and one rounding: at most
+1.47 eps * 2 pi = 9.3 eps absolute, times the radius ``r``; the kernels add at most 4 eps (log, halved by the
+square root) + 4 eps (cos) + 2 roundings relative: 20 eps * r bounds it (``TRUTH``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -20,10 +19,11 @@ import pytest
 
 import kdpm2core
 from kdpm2core import noise
+from kdpm2core.testing.support import Target
+from kdpm2core.testing.test_noise import CROSS, KNOWN_ANSWERS, halves, joined
 
 EPS32 = 2.0**-24
-CROSS = 20 * EPS32
-TRUTH = 20
+TRUTH = 20  # times eps * r: the bound against the float64 reference (module docstring)
 ALL = kdpm2core.available_backends()
 M32 = 0xFFFFFFFF
 
@@ -59,38 +59,9 @@ def _reference(seed, item, substep, element):
     return r * math.cos(2 * math.pi * (w1 >> 8) * 2.0**-24), r
 
 
-# Random123's kat_vectors (threefry2x32, 20 rounds): counter, key -> output; the same three as jax's tests
-KNOWN_ANSWERS = [
-    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
-    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
-    ((0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344), (0xC4923A9C, 0x483DF7A0)),
-]
-
-
-def _halves(backend, words):
-    """32-bit words (a NumPy array of ints) as the (high, low) int32 halves noise.threefry2x32 takes."""
-    words = np.asarray(words, dtype=np.int64)
-    int32 = backend.dtype("int32")
-    return backend.asarray(words >> 16, dtype=int32), backend.asarray(words & 0xFFFF, dtype=int32)
-
-
-def _joined(backend, word) -> np.ndarray:
-    return (np.asarray(backend.to_numpy(word[0]), dtype=np.int64) << 16) | np.asarray(backend.to_numpy(word[1]))
-
-
 def test_reference_threefry_known_answers():
     for counter, key, want in KNOWN_ANSWERS:
         assert _threefry_reference(key, counter) == want
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_threefry_known_answers(name):
-    backend = _backend(name)
-    counters, keys, wants = (np.array(column).T for column in zip(*KNOWN_ANSWERS))
-    key = tuple(_halves(backend, k) for k in keys)
-    out = noise.threefry2x32(key, tuple(_halves(backend, c) for c in counters))
-    for i in range(2):
-        assert _joined(backend, out[i]).tolist() == wants[i].tolist(), f"{name}: word {i}"
 
 
 def test_threefry_equals_jax_primitive():
@@ -104,23 +75,25 @@ def test_threefry_equals_jax_primitive():
     counts = rng.integers(0, 2**32, size=(2, 500), dtype=np.uint32)
     # jax takes the counter words as one array, first words then second words, and returns the outputs so
     want = np.asarray(threefry_2x32(jnp.asarray(key), jnp.asarray(counts.reshape(-1)))).reshape(2, 500)
-    numpy = _backend("numpy")
-    out = noise.threefry2x32(tuple(_halves(numpy, [k]) for k in key), tuple(_halves(numpy, c) for c in counts))
-    assert np.array_equal(_joined(numpy, out[0]), want[0]) and np.array_equal(_joined(numpy, out[1]), want[1])
+    numpy = Target("numpy", "cpu", _backend("numpy"))
+    out = noise.threefry2x32(tuple(halves(numpy, [k]) for k in key), tuple(halves(numpy, c) for c in counts))
+    assert np.array_equal(joined(numpy, out[0]), want[0]) and np.array_equal(joined(numpy, out[1]), want[1])
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_mapping_equals_the_reference(name):
     """Large seeds, items and substeps (all 32-bit words in use) against the pure-Python float64 reference."""
     backend = _backend(name)
+    wide = [backend.dtype("float32")] + ([backend.dtype("float64")] if backend.float64 else [])
     cases = [(0, [0, 1], 0), (2**64 - 1, [2**32 - 1, 5], 2**32 - 2), (0x0123456789ABCDEF, [2**31 + 3, 77], 123456)]
-    for seed, items, substep in cases:
-        z = backend.to_numpy(noise.normal(backend.xp, seed, (2, 3, 5), items=items, substep=substep))
+    for (seed, items, substep), dtype in itertools.product(cases, wide):
+        z = backend.to_numpy(noise.normal(backend.xp, seed, (2, 3, 5), items=items, substep=substep, dtype=dtype))
         z = np.asarray(z, dtype=np.float64).reshape(2, 15)
+        eps = EPS32 if dtype == backend.dtype("float32") else 2.0**-53  # float64: the same analysis
         for i, item in enumerate(items):
             want = np.array([_reference(seed, item, substep, e) for e in range(15)])
             err = np.abs(z[i] - want[:, 0])
-            assert np.all(err <= TRUTH * EPS32 * want[:, 1]), (name, seed, item, substep, err.max())
+            assert np.all(err <= TRUTH * eps * want[:, 1]), (name, dtype, seed, item, substep, err.max())
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -134,42 +107,6 @@ def test_same_noise_on_every_backend(name):
     assert got.shape == shape
     err = np.abs(got - want)
     assert np.all(err <= CROSS * np.abs(want)), f"{name}: max difference {err.max():.3g}"
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_other_dtypes(name):
-    """float16 / bfloat16 round the float32 result once (half an ulp, plus CROSS); float64 matches the reference."""
-    backend = _backend(name)
-    numpy = _backend("numpy")
-    want32 = np.asarray(numpy.to_numpy(noise.normal(numpy.xp, 3, (2, 40))), dtype=np.float64)
-    for dtype, unit in (("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
-        try:
-            dt = backend.dtype(dtype)
-        except TypeError:
-            continue
-        z = noise.normal(backend.xp, 3, (2, 40), dtype=dt)
-        assert z.dtype == dt
-        got = backend.to_numpy(backend.xp.astype(z, backend.dtype("float32")))
-        err = np.abs(np.asarray(got, dtype=np.float64) - want32)
-        assert np.all(err <= (unit + CROSS) * np.abs(want32) + 2.0**-24), (name, dtype, err.max())
-    if backend.float64:
-        z = noise.normal(backend.xp, 3, (2, 40), dtype=backend.dtype("float64"))
-        want = np.array([[_reference(3, i, 0, e) for e in range(40)] for i in range(2)])
-        # float64 kernels: the same analysis with eps = 2**-53
-        assert np.all(np.abs(backend.to_numpy(z) - want[..., 0]) <= TRUTH * 2.0**-53 * want[..., 1]), name
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_item_of_a_batch_equals_the_item_alone(name):
-    backend = _backend(name)
-    xp = backend.xp
-    batch = backend.to_numpy(noise.normal(xp, 9, (4, 2, 3), substep=2))
-    for i in range(4):
-        alone = backend.to_numpy(noise.normal(xp, 9, (1, 2, 3), items=[i], substep=2))
-        # the same integers; the same float32 kernels on arrays of other lengths, so CROSS bounds any difference
-        assert np.all(np.abs(alone[0] - batch[i]) <= CROSS * np.abs(batch[i])), (name, i)
-    shuffled = backend.to_numpy(noise.normal(xp, 9, (3, 2, 3), items=xp.asarray([3, 0, 2]), substep=2))
-    assert np.all(np.abs(shuffled - batch[[3, 0, 2]]) <= CROSS * np.abs(batch[[3, 0, 2]])), name
 
 
 def test_shape_only_sets_the_element_count():

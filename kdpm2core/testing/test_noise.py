@@ -1,11 +1,14 @@
 """Portable noise (:mod:`kdpm2core.noise`) on the backend's namespace and device: the same bits as NumPy, the same
 values within the bound below, rows independent of the batch, and the moments of a standard normal.
 
-Bound: the integers are exact on every library. The values are ``sqrt(-2 log u1) * cos(angle)`` of the same
-float32 ``u1`` and ``angle``; with float32 log within 4 ulp and cos within 2 ulp of exact (NumPy's own accuracy
-contract) and correctly rounded sqrt and products, two libraries differ by at most 20 eps32 relative to the value
-(eps32 = 2**-24; the derivation is in the project's tests/test_noise.py). A float16 or bfloat16 result rounds
-that once more: plus half an ulp of the dtype, and 2**-24 absolute for float16's subnormals.
+Bound (``CROSS``): the integers are exact on every library. The values are ``sqrt(-2 log u1) * cos(angle)`` of
+the same float32 ``u1`` and ``angle``. NumPy's float32 log is within 4 ulp and cos within 2 ulp of exact (its
+accuracy tests, ``umath-validation-set-{log,cos}.csv``); other libraries are assumed no worse (SLEEF's and CUDA's
+are within 1 and 2 ulp); sqrt and products are correctly rounded. An ulp is at most 2 eps of the value
+(eps = 2**-24), so two libraries differ in ``-2 log u1`` by at most 16 eps relative, in its square root by 8 eps
+plus two roundings, in the cosine by 8 eps, plus two roundings of the product: 20 eps relative to the value.
+A float16 or bfloat16 result rounds that once more: plus half an ulp of the dtype (and 2**-24 absolute for
+float16's subnormals).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ def _numpy_normal(seed, shape, **kw) -> np.ndarray:
     return np.asarray(noise.normal(array_api_compat.numpy, seed, shape, **kw), dtype=np.float64)
 
 
-def _halves(target, words):
+def halves(target, words):
+    """32-bit words (ints) as the ``(high, low)`` int32 halves :func:`kdpm2core.noise.threefry2x32` takes."""
     words = np.asarray(words, dtype=np.int64)
     return target.asarray(words >> 16, "int32"), target.asarray(words & 0xFFFF, "int32")
 
 
-def _joined(target, word) -> np.ndarray:
+def joined(target, word) -> np.ndarray:
+    """A word of :func:`kdpm2core.noise.threefry2x32` as host int64 values."""
     high, low = (np.asarray(target.backend.to_numpy(half), dtype=np.int64) for half in word)
     return (high << 16) | low
 
@@ -48,8 +53,8 @@ def test_noise_threefry_bits(kdpm2_target):
     rng = np.random.default_rng(3)
     counters = np.concatenate([np.array([c for c, _, _ in KNOWN_ANSWERS]).T, rng.integers(0, 2**32, (2, 64))], 1)
     keys = np.concatenate([np.array([k for _, k, _ in KNOWN_ANSWERS]).T, rng.integers(0, 2**32, (2, 64))], 1)
-    got = noise.threefry2x32(tuple(_halves(kdpm2_target, k) for k in keys),
-                             tuple(_halves(kdpm2_target, c) for c in counters))
+    got = noise.threefry2x32(tuple(halves(kdpm2_target, k) for k in keys),
+                             tuple(halves(kdpm2_target, c) for c in counters))
     import array_api_compat.numpy as xnp
 
     def numpy_halves(words):
@@ -57,7 +62,7 @@ def test_noise_threefry_bits(kdpm2_target):
 
     want = noise.threefry2x32(tuple(numpy_halves(k) for k in keys), tuple(numpy_halves(c) for c in counters))
     for i in range(2):
-        bits = _joined(kdpm2_target, got[i])
+        bits = joined(kdpm2_target, got[i])
         expected = (np.asarray(want[i][0], dtype=np.int64) << 16) | want[i][1]
         assert bits[:3].tolist() == [answer[i] for _, _, answer in KNOWN_ANSWERS], (
             f"{kdpm2_target.label}: Threefry word {i} misses Random123's known answers: {[hex(b) for b in bits[:3]]}"
