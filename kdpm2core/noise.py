@@ -182,7 +182,8 @@ def normal(xp, seed, shape, *, items=None, substep=0, dtype=None, device=None) -
     Args:
         xp: The Array API namespace to compute in (e.g. ``array_api_compat.numpy``, ``jax.numpy``, a backend's
             ``xp``).
-        seed: A Python int in ``[0, 2**64)`` or a 0-d integer array (negative values wrap modulo ``2**64``).
+        seed: A Python int in ``[0, 2**64)`` or a 0-d integer array (negative values wrap modulo ``2**64``;
+            on PyTorch a signed dtype: it has no shifts for ``uint32`` and ``uint64``).
         shape: The result's shape; its first axis is the batch.
         items: Each row's item index (default ``0, 1, ..., shape[0] - 1``): a sequence of ints in ``[0, 2**32)``
             or a 1-D integer array. Row ``i`` equals the noise of item ``items[i]`` drawn alone.

@@ -115,6 +115,8 @@ def test_shape_only_sets_the_element_count():
     a = np.asarray(noise.normal(xp, 1, (2, 4, 6)))
     assert np.array_equal(a.reshape(2, 24), np.asarray(noise.normal(xp, 1, (2, 24))))
     assert np.array_equal(a.reshape(2, 24)[:, :10], np.asarray(noise.normal(xp, 1, (2, 10))))
+    for empty in ((0, 3), (2, 0)):
+        assert noise.normal(xp, 1, empty).shape == empty
 
 
 def test_array_arguments_equal_python_ints():
