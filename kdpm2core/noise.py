@@ -161,8 +161,10 @@ def _items(xp, items, batch: int, device):
         if len(items) != batch:
             raise ValueError(f"items has {len(items)} entries but the batch (shape[0]) is {batch}")
         # halves made on the host: an item of 2**31 or more does not fit int32
-        return tuple(xp.asarray([[h] for h in halves], dtype=xp.int32, **_on(device))
-                     for halves in ([i >> 16 for i in items], [i & _HALF for i in items]))
+        return tuple(
+            xp.asarray([[h] for h in halves], dtype=xp.int32, **_on(device))
+            for halves in ([i >> 16 for i in items], [i & _HALF for i in items])
+        )
     elif items.shape != (batch,):
         raise ValueError(f"items has shape {tuple(items.shape)} but the batch (shape[0]) is {batch}")
     (word,) = _words(xp, items, "items", 1, ndim=1)

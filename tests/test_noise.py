@@ -245,8 +245,9 @@ def test_cuda_and_inductor():
     got = noise.normal(xp, 77, shape, substep=5, device=torch.device("cuda"))
     assert got.device.type == "cuda"
     assert np.all(np.abs(got.cpu().double().numpy() - want) <= CROSS * np.abs(want))
-    compiled = torch.compile(lambda seed, k: noise.normal(xp, seed, shape, substep=k, device=torch.device("cuda")),
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda seed, k: noise.normal(xp, seed, shape, substep=k, device=torch.device("cuda")), fullgraph=True
+    )
     fused = compiled(torch.tensor(77, device="cuda"), torch.tensor(5, device="cuda")).cpu().double().numpy()
     assert np.all(np.abs(fused - want) <= CROSS * np.abs(want))
 

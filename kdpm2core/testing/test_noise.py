@@ -53,8 +53,9 @@ def test_noise_threefry_bits(kdpm2_target):
     rng = np.random.default_rng(3)
     counters = np.concatenate([np.array([c for c, _, _ in KNOWN_ANSWERS]).T, rng.integers(0, 2**32, (2, 64))], 1)
     keys = np.concatenate([np.array([k for _, k, _ in KNOWN_ANSWERS]).T, rng.integers(0, 2**32, (2, 64))], 1)
-    got = noise.threefry2x32(tuple(halves(kdpm2_target, k) for k in keys),
-                             tuple(halves(kdpm2_target, c) for c in counters))
+    got = noise.threefry2x32(
+        tuple(halves(kdpm2_target, k) for k in keys), tuple(halves(kdpm2_target, c) for c in counters)
+    )
     import array_api_compat.numpy as xnp
 
     def numpy_halves(words):
@@ -80,13 +81,23 @@ def test_noise_matches_numpy(kdpm2_case):
     atol = 2.0**-24 if case.dtype_name == "float16" else 0.0
     if case.dtype_name == "float64":
         rtol = 20 * EPS["float64"]  # the same analysis in float64, against NumPy's float64
-    for seed, items, substep, shape in ((0, None, 0, (2, 3, 5)), (2**64 - 1, [2**32 - 1, 7], 2**32 - 2, (2, 9)),
-                                        (123456789, [4], 3, (1, 4, 4))):
+    for seed, items, substep, shape in (
+        (0, None, 0, (2, 3, 5)),
+        (2**64 - 1, [2**32 - 1, 7], 2**32 - 2, (2, 9)),
+        (123456789, [4], 3, (1, 4, 4)),
+    ):
         got = noise.normal(case.xp, seed, shape, items=items, substep=substep, dtype=case.dtype, device=case.device)
         work = "float64" if case.dtype_name == "float64" else "float32"
         want = _numpy_normal(seed, shape, items=items, substep=substep, dtype=np.dtype(work))
-        assert_close(got, want, case, what=f"noise seed={seed} items={items} substep={substep}", rtol=rtol,
-                     atol=atol, device=device)
+        assert_close(
+            got,
+            want,
+            case,
+            what=f"noise seed={seed} items={items} substep={substep}",
+            rtol=rtol,
+            atol=atol,
+            device=device,
+        )
 
 
 def test_noise_rows_do_not_depend_on_the_batch(kdpm2_target):
@@ -95,8 +106,15 @@ def test_noise_rows_do_not_depend_on_the_batch(kdpm2_target):
     batch = target.to_numpy(noise.normal(xp, 11, (4, 6), substep=1, device=target.device))
     for i in (0, 3):
         alone = noise.normal(xp, 11, (1, 6), items=[i], substep=1, device=target.device)
-        assert_close(alone, batch[i : i + 1], target, what=f"item {i} alone vs in a batch of 4", dtype="float32",
-                     rtol=CROSS, atol=0.0)
+        assert_close(
+            alone,
+            batch[i : i + 1],
+            target,
+            what=f"item {i} alone vs in a batch of 4",
+            dtype="float32",
+            rtol=CROSS,
+            atol=0.0,
+        )
     items = target.asarray([3, 1], "int64" if target.backend.float64 else "int32")
     picked = noise.normal(xp, 11, (2, 6), items=items, substep=1, device=target.device)
     assert_close(picked, batch[[3, 1]], target, what="items=[3, 1] vs rows 3, 1", dtype="float32", rtol=CROSS, atol=0.0)
@@ -106,8 +124,9 @@ def test_noise_seed_and_substep_as_arrays(kdpm2_target):
     """0-d integer arrays (as a jit traces them) give what Python ints give."""
     target = kdpm2_target
     want = target.to_numpy(noise.normal(target.xp, 5, (2, 7), substep=3, device=target.device))
-    got = noise.normal(target.xp, target.asarray(5, "int32"), (2, 7), substep=target.asarray(3, "int32"),
-                       device=target.device)
+    got = noise.normal(
+        target.xp, target.asarray(5, "int32"), (2, 7), substep=target.asarray(3, "int32"), device=target.device
+    )
     assert_close(got, want, target, what="seed=5, substep=3 as int32 arrays", dtype="float32", rtol=CROSS, atol=0.0)
 
 
