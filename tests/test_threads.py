@@ -105,8 +105,8 @@ def test_functional_api_with_a_shared_plan_in_threads_matches_sequential(backend
 
 
 def test_large_torch_loops_in_threads_match_sequential():
-    """Large CPU latents take the torch backend's C kernel and buffer pool (one pool for every thread):
-    4 threads at once give the bytes of sequential runs, and no thread's result is overwritten by another's."""
+    """Large CPU latents, where torch runs each kernel on several threads of its own: 4 scheduler threads at
+    once give the bytes of sequential runs, and no result a thread still holds is changed by a later step."""
     torch = pytest.importorskip("torch")
 
     def job(i):
