@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core import noise as portable
 from kdpm2core.backend import check_array
 from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
@@ -474,8 +475,10 @@ def sample(
         s_tmax: Churn only steps with sigma at most this (``None``: the plan's).
         s_noise: Scale of the churn and ancestral noise (``None``: the plan's).
         eta: The ancestral noise, as :func:`make_plan` takes it (``None``: the plan's).
-        seed: Seed of the backend's generator for the churn or ancestral noise.
-        rng: A generator state from ``backend.rng`` instead of ``seed`` (on JAX a key; may be traced).
+        seed: Seed of the churn or ancestral noise: :func:`kdpm2core.noise.normal` of ``(seed, substep)``, the
+            same on every backend and for each batch item whatever the batch (an int, or a 0-d integer array).
+        rng: Instead of ``seed``: a generator state from ``backend.rng``, drawn from once per substep (on JAX a
+            key; may be traced).
         noise: Instead of ``seed`` or ``rng``: ``noise(index) -> standard normal noise like x``, called on every
             substep with the substep index (a 0-d integer array, traced in a compiled loop); the plan's
             coefficients scale it (0 where a substep adds none).
@@ -494,15 +497,15 @@ def sample(
         info = plan.info
     backend = info.backend
     churned, ancestral = info.churned, info.ancestral
-    if (churned or ancestral) and rng is None and noise is None:
-        if seed is None:
-            raise ValueError("s_churn > 0 or eta > 0 adds noise: pass seed=, rng= or noise= for a reproducible result")
-        rng = backend.rng(seed) if info.device is None else backend.rng(seed, device=info.device)
+    if (churned or ancestral) and seed is None and rng is None and noise is None:
+        raise ValueError("s_churn > 0 or eta > 0 adds noise: pass seed=, rng= or noise= for a reproducible result")
 
     def draw(state, rng, x):
         if noise is not None:
             return noise(state.index), rng
-        return backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
+        if rng is not None:
+            return backend.normal(rng, tuple(x.shape), dtype=x.dtype, device=info.device)  # beside x
+        return portable.normal(backend.xp, seed, x.shape, substep=state.index, dtype=x.dtype, device=info.device), rng
 
     def body(_, carry):
         x, state, rng = carry

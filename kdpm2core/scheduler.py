@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from kdpm2core import config as _config
+from kdpm2core import noise
 from kdpm2core.backend import check_array, exactly
 from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
@@ -733,8 +734,9 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
     Where the noise comes from: ``step(..., generator=g)`` draws it from ``g``, a generator of the backend
     (``torch.Generator``, ``numpy.random.Generator``; or a list of them, one per batch item), exactly as
     diffusers does with ``randn_tensor``, so that a pipeline given a generator makes diffusers' images. Without
-    a generator it is a function of ``noise_seed`` and the substep alone (random when not given; read or set it
-    as the attribute ``noise_seed``), so :meth:`state_dict` holds the whole noise state and a resumed run adds
+    a generator it is :func:`kdpm2core.noise.normal` of ``noise_seed`` and the substep: the same noise on every
+    backend, for each batch item whatever the batch, and nothing else (``noise_seed`` is random when not given;
+    read or set it as the attribute). :meth:`state_dict` then holds the whole noise state, so a resumed run adds
     the same noise. A generator is the caller's: save its state (``generator.get_state()``) beside the
     scheduler's to resume such a run.
     """
@@ -774,8 +776,8 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
     def _noise(self, model_output, generator, k: int):
         backend = self._backend
         shape, dtype, device = tuple(model_output.shape), model_output.dtype, backend.device_of(model_output)
-        if generator is None:
-            return _seeded_normal(backend, self._noise_seed, k, shape, dtype, device)
+        if generator is None:  # the portable noise of (noise_seed, substep): the same on every backend
+            return noise.normal(backend.xp, self._noise_seed, shape, substep=k, dtype=dtype, device=device)
         if not isinstance(generator, (list, tuple)):
             return _draw(backend, generator, shape, dtype, device)
         if len(generator) != shape[0]:
@@ -801,13 +803,4 @@ def _draw(backend, generator, shape: tuple, dtype, device):
             f"generator must be a generator that advances in place (backend {backend.name!r} returned a new one, "
             "so every step would get the same noise); leave generator=None to use the scheduler's noise_seed"
         )
-    return noise
-
-
-def _seeded_normal(backend, seed: int, k: int, shape: tuple, dtype, device):
-    """Standard normal noise that depends only on ``(seed, substep k)``: a backend generator seeded from both."""
-    mixed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-    noise, _ = backend.normal(
-        backend.rng(mixed) if device is None else backend.rng(mixed, device=device), shape, dtype=dtype, device=device
-    )
     return noise

@@ -55,7 +55,7 @@ def test_functional_loop_never_synchronizes_and_matches_the_scheduler():
     torch.cuda.set_sync_debug_mode("error")
     try:
         ours = F.sample(plan, _model, x0)
-        churned = F.sample(churned_plan, _model, x0, seed=0)  # noise from a CUDA generator: no copies
+        churned = F.sample(churned_plan, _model, x0, seed=0)  # portable noise computed on the device: no copies
     finally:
         torch.cuda.set_sync_debug_mode("default")
     x = x0

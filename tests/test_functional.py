@@ -11,6 +11,7 @@ import pytest
 
 import kdpm2core
 from kdpm2core import functional as F
+from kdpm2core import noise
 from kdpm2core.testing.reference import sample_dpm2
 
 from conftest import BACKENDS, initial_noise, relative_error
@@ -95,8 +96,15 @@ def test_churned_denoiser_sampling_matches_an_independent_sample_dpm_2(churn):
 
     x0 = initial_noise((3, 5)).astype(np.float64) * 14.6
     ours = F.sample(plan, denoiser, x0, denoiser=True, seed=123, **churn)
-    generator = np.random.default_rng(123)
-    expected = sample_dpm2(denoiser, x0, sigmas, **churn, draw=lambda: generator.standard_normal(x0.shape))
+    substeps = iter(range(F.num_substeps(plan)))  # seed= draws kdpm2core.noise's normals of (seed, substep)
+    xp = kdpm2core.get_backend("numpy").xp
+    expected = sample_dpm2(
+        denoiser,
+        x0,
+        sigmas,
+        **churn,
+        draw=lambda: noise.normal(xp, 123, x0.shape, substep=next(substeps), dtype=xp.float64),
+    )
     assert relative_error(ours, expected) < 1e-12
     unchurned = F.sample(plan, denoiser, x0, denoiser=True)
     assert relative_error(ours, unchurned) > 1e-3  # the churn did something

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from kdpm2core import functional as F
+from kdpm2core import noise
 from kdpm2core.testing.cases import array_toy_model
 from kdpm2core.testing.reference import sample_dpm2
 from kdpm2core.testing.support import assert_close
@@ -230,14 +231,13 @@ def _churn_plan(case, **churn):
 
 
 def _draws(case, plan, seed: int, shape):
-    """The standard normals ``sample`` draws with ``seed`` on ``plan``, one per substep, as host float64 copies."""
-    backend, device = case.backend, plan.info.device
-    rng = backend.rng(seed) if device is None else backend.rng(seed, device=device)
-    draws = []
-    for _ in range(F.num_substeps(plan)):
-        eps, rng = backend.normal(rng, shape, dtype=case.dtype, device=device)
-        draws.append(case.to_numpy(eps))
-    return draws
+    """The standard normals ``sample`` draws with ``seed`` on ``plan`` (:func:`kdpm2core.noise.normal` of the seed
+    and the substep), one per substep, as host copies."""
+    device = plan.info.device
+    return [
+        case.to_numpy(noise.normal(case.xp, seed, shape, substep=k, dtype=case.dtype, device=device))
+        for k in range(F.num_substeps(plan))
+    ]
 
 
 CHURN = {"s_churn": 1.5, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 1.003}
