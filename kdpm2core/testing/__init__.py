@@ -12,7 +12,8 @@ independent float64 reference and a Gaussian with an exact solution: convergence
 ``test_scheduler_api`` (``scale_model_input``, ``add_noise``, ``set_begin_index``, config round trips),
 ``test_functional_api`` (the functional API against the scheduler, churn, ``start=``, ``out=``),
 ``test_checkpoints`` (save, load and resume), ``test_noise`` (the counter-based noise of
-:mod:`kdpm2core.noise`: the same values as NumPy's, batch invariance, statistics).
+:mod:`kdpm2core.noise`: the same values as NumPy's, batch invariance, statistics), ``test_ancestral`` (DPM2 a:
+exact Gaussian moments after every substep, the functional step equal to the scheduler's).
 """
 
 from __future__ import annotations
