@@ -23,11 +23,13 @@ import numpy as np
 from kdpm2core import __version__, toy
 from kdpm2core.config import CHOICES
 from kdpm2core.plugins import BackendError, available_backends, backend_report, get_backend, registry
-from kdpm2core.scheduler import KDPM2DiscreteScheduler
+from kdpm2core.scheduler import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 
 __all__ = ["main", "cli"]
 
 SIGMA_FAMILIES = ("default", "karras", "exponential", "beta")
+#: --sampler: the scheduler class of each name (the names web UIs give them, "DPM2" and "DPM2 a")
+SAMPLERS = {"dpm2": KDPM2DiscreteScheduler, "dpm2-a": KDPM2AncestralDiscreteScheduler}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 TOY_TITLES = {
     "mixture": "8 Gaussians on a ring of radius 3, std 0.2",
@@ -146,6 +148,13 @@ def scheduler_options(command):
     """The scheduler's configuration as command-line options."""
     options = [
         click.option(
+            "--sampler",
+            type=click.Choice(list(SAMPLERS)),
+            default="dpm2",
+            show_default=True,
+            help="DPM2, or DPM2 a (ancestral: adds noise at each step, from kdpm2core.noise with --seed).",
+        ),
+        click.option(
             "--steps",
             default=25,
             show_default=True,
@@ -258,9 +267,11 @@ def _parse_sigmas(text: str | None) -> list[float] | None:
         raise UserError(f"--custom-sigmas must be comma-separated numbers, got {text!r}") from None
 
 
-def _make_scheduler(opts: dict, backend_name: str = "numpy", device=None) -> KDPM2DiscreteScheduler:
+def _make_scheduler(opts: dict, backend_name: str = "numpy", device=None, seed: int = 0) -> KDPM2DiscreteScheduler:
     with user_errors():
-        scheduler = KDPM2DiscreteScheduler(**_config_from(opts), backend=backend_name)
+        cls = SAMPLERS[opts["sampler"]]
+        extra = {"noise_seed": seed} if cls is KDPM2AncestralDiscreteScheduler else {}
+        scheduler = cls(**_config_from(opts), backend=backend_name, **extra)
         _reset(scheduler, opts, device)
     return scheduler
 
@@ -285,7 +296,7 @@ def _describe_schedule(scheduler) -> str:
 
 
 # -- running the toys ------------------------------------------------------------------------------------------
-def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict):
+def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict, seed: int = 0):
     """Backend, parsed device and scheduler, with every input checked up front (UserError otherwise)."""
     with user_errors():
         backend = get_backend(backend_name)
@@ -297,7 +308,7 @@ def _prepare(backend_name: str, device: str | None, dtype: str, opts: dict):
         except Exception as exc:  # torch raises RuntimeError or AssertionError here, other frameworks their own
             where = f"--device {device!r}" if device else "the default device"
             raise ValueError(f"{where} with --dtype {dtype} does not work on backend {backend_name!r}: {exc}") from None
-    scheduler = _make_scheduler(opts, backend_name, placed)
+    scheduler = _make_scheduler(opts, backend_name, placed, seed)
     return backend, placed, scheduler
 
 
@@ -480,7 +491,7 @@ def backends(as_json):
 def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_json, progress, **opts):
     """Sample toy models whose denoiser is exact and report how close the samples are to the truth."""
     toys = list(toy.TOYS) if toy_name == "all" else [toy_name]
-    backend, placed, scheduler = _prepare(backend_name, device, dtype, opts)
+    backend, placed, scheduler = _prepare(backend_name, device, dtype, opts, seed)
     if progress is None:
         progress = sys.stderr.isatty()
     start = time.perf_counter()
@@ -515,7 +526,7 @@ def sample(backend_name, device, dtype, seed, num_samples, toy_name, plot, as_js
         )
         return
     click.echo(
-        f"KDPM2 on backend {backend_name} {_framework_version(backend, backend_name)}, device {device or 'default'}, "
+        f"{'DPM2 a' if opts['sampler'] == 'dpm2-a' else 'KDPM2'} on backend {backend_name} {_framework_version(backend, backend_name)}, device {device or 'default'}, "
         f"{dtype}, {scheduler.num_inference_steps} steps = {model_calls} model calls, seed {seed}"
     )
     click.echo(f"schedule: {_describe_schedule(scheduler)}")
@@ -541,7 +552,7 @@ def compare(names, device, dtype, seed, num_samples, as_json, **opts):
     rows, prepared = {}, {}
     for name in chosen:  # every backend checked before any runs
         try:
-            prepared[name] = _prepare(name, device if name != "numpy" else None, dtype, opts)
+            prepared[name] = _prepare(name, device if name != "numpy" else None, dtype, opts, seed)
             rows[name] = {"backend": name, "status": "ok"}
         except UserError as exc:
             if name == "numpy" or names:  # the reference, or a backend the user asked for by name

@@ -130,15 +130,11 @@ TOYS = {
 def model_sigmas(scheduler) -> np.ndarray:
     """The noise level the model sees at each substep of ``scheduler``'s current schedule (host float64).
 
-    Read from the public ``sigmas`` (diffusers' layout ``[s0, s1, s1, ..., sn, sn]``): an Euler substep
-    ``2j`` starts at ``s_j``, and the midpoint substep ``2j + 1`` evaluates the model at the geometric mean
-    ``sqrt(s_j * s_{j+1})``. This is what ``scale_model_input`` divides by, ``sqrt(sigma^2 + 1)``.
+    An Euler substep starts at its step's sigma; a midpoint substep evaluates the model at the geometric mean of
+    the step's sigma and where it ends (``sigma_next``, or DPM2 a's ``sigma_down``). This is what
+    ``scale_model_input`` divides by, ``sqrt(sigma^2 + 1)``: the schedule's ``sigma_in``.
     """
-    sigmas = np.asarray(scheduler.backend.to_numpy(scheduler.sigmas), dtype=np.float64)
-    count = scheduler.timesteps.shape[0]
-    k = np.arange(count)
-    midpoint = np.sqrt(sigmas[np.maximum(k - 1, 0)]) * np.sqrt(sigmas[k])
-    return np.where(k % 2 == 0, sigmas[k], midpoint)
+    return np.array(scheduler.schedule.sigma_in, dtype=np.float64)
 
 
 def sample(toy: GaussianMixture, scheduler, noise, callback: Callable[[int], None] | None = None):
