@@ -80,17 +80,21 @@ def row(name, ours: list, reference: list, target=None, *, judged=True, unit="ms
 
 
 # -- torch: the substep loop -------------------------------------------------------------------------------------
-def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
+def substep_rows(shape, device, repeats, *, floor: bool, ancestral: bool = False) -> list[dict]:
+    """Rows of the stateful loop against diffusers' class; ``ancestral``: DPM2 a against diffusers'
+    KDPM2AncestralDiscreteScheduler, both drawing their step noise from a torch.Generator (shown, not judged)."""
+    import diffusers
     import torch
-    from diffusers import KDPM2DiscreteScheduler as Diffusers
 
     import kdpm2core
+
+    name = "KDPM2AncestralDiscreteScheduler" if ancestral else "KDPM2DiscreteScheduler"
 
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(shape, generator=generator).to(device)
     output = (0.5 * torch.randn(shape, generator=generator)).to(device)
-    ours = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
-    theirs = Diffusers()
+    ours = getattr(kdpm2core, name)(backend="torch")
+    theirs = getattr(diffusers, name)()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     label = "x".join(map(str, shape))
 
@@ -98,13 +102,14 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
         def run():
             scheduler.set_timesteps(STEPS, device=device)
             timesteps = scheduler.timesteps[:substeps]
+            noise = {"generator": torch.Generator(device=device).manual_seed(1)} if ancestral else {}
             sync()
             start = time.perf_counter()
             x = x0
             for t in timesteps:
                 if scale:
                     scheduler.scale_model_input(x, t)
-                x = scheduler.step(output, t, x, return_dict=False)[0]
+                x = scheduler.step(output, t, x, return_dict=False, **noise)[0]
             sync()
             run.elapsed = time.perf_counter() - start
 
@@ -128,12 +133,12 @@ def substep_rows(shape, device, repeats, *, floor: bool) -> list[dict]:
     judged = torch.device(device).type == "cpu" and (not big or os.environ.get("GLIBC_TUNABLES") == NO_PAGE_FAULTS)
     rows = [
         row(
-            f"substep ({label}, {device})",
+            f"substep{' DPM2 a' if ancestral else ''} ({label}, {device})",
             per["ours"],
             per["diffusers"],
-            target,
+            None if ancestral else target,
             judged=judged,
-            note="scale_model_input + step",
+            note="scale_model_input + step" + (", noise from a torch.Generator" if ancestral else ""),
         )
     ]
     if floor:
@@ -321,7 +326,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the torch rows (default: torch's)")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["small", "large", "set_timesteps", "cold", "jax"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["small", "large", "ancestral", "set_timesteps", "cold", "jax"],
     )
     parser.add_argument(
         "--no-page-faults",
@@ -345,11 +353,13 @@ def main(argv=None) -> int:
         import diffusers  # noqa: F401
     except ImportError:
         print("diffusers is not installed: only the jax row runs (pip install diffusers)", file=sys.stderr)
-        args.skip += ["small", "large", "set_timesteps", "cold"]
+        args.skip += ["small", "large", "ancestral", "set_timesteps", "cold"]
     if "small" not in args.skip:
         rows += substep_rows((1, 4, 64, 64), args.device, repeats * 10, floor=False)  # a loop is only 1 to 3 ms
     if "large" not in args.skip:
         rows += substep_rows((16, 4, 256, 256), args.device, repeats, floor=True)
+    if "ancestral" not in args.skip:
+        rows += substep_rows((1, 4, 64, 64), args.device, repeats * 10, floor=False, ancestral=True)
     if "set_timesteps" not in args.skip:
         rows.append(set_timesteps_row(repeats * 3))
     if "cold" not in args.skip:
