@@ -46,8 +46,9 @@ class TorchBackend(ArrayAPIBackend):
         return torch.Generator(device=device or "cpu").manual_seed(int(seed))
 
     def normal(self, rng, shape, *, dtype, device=None):
-        sample = torch.randn(shape, generator=rng, dtype=torch.float32, device=rng.device)
-        return sample.to(device=device, dtype=dtype), rng
+        # as diffusers' randn_tensor: drawn in the dtype asked for, on the generator's device, then moved (float64
+        # draws are another stream than float32's; float16 and bfloat16 are float32's, rounded)
+        return torch.randn(shape, generator=rng, dtype=dtype, device=rng.device).to(device=device), rng
 
     def owns(self, x):
         # a plain isinstance check: traceable by torch.compile (array-api-compat's is not)
