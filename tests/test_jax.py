@@ -230,3 +230,18 @@ def test_ancestral_with_a_key_under_jit():
     a, b = run(plan, x0, jax.random.key(0)), run(plan, x0, jax.random.key(0))
     c = run(plan, x0, jax.random.key(1))
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_ancestral_vmap_over_seeds_equals_one_run_per_seed():
+    """seed= may be a traced 0-d array (the portable noise takes one): vmap over seeds gives each seed's run."""
+    plan = F.make_plan(num_inference_steps=4, backend="jax", eta=1.0)
+    x0 = jnp.asarray(initial_noise((2, 8)) * F.init_noise_sigma(plan), dtype=jnp.float32)
+
+    def one(seed):
+        return F.sample(plan, lambda s, t: 0.5 * jnp.sin(s), x0, seed=seed)
+
+    seeds = jnp.arange(3, dtype=jnp.int32)
+    batched = jax.jit(jax.vmap(one))(seeds)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(jax.jit(one)(seeds[i])), rtol=1e-5, atol=1e-6)
+    assert len({np.asarray(b).tobytes() for b in batched}) == 3
