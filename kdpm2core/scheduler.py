@@ -310,9 +310,8 @@ class _KDPM2Scheduler:
 
         As in diffusers, those two keys are then recorded in the config too, so that a scheduler loaded from the
         written file has this scheduler's config (less ``_use_default_values``: a file sets every option)."""
-        written = _config.to_json_dict(
-            {**self.config, **self._options()}, type(self).__name__
-        )  # checked first: a bad value is not written
+        # checked first: a bad value is not written
+        written = _config.to_json_dict({**self.config, **self._options()}, type(self).__name__)
         self.register_to_config(_class_name=written["_class_name"], _diffusers_version=written["_diffusers_version"])
         return json.dumps(written, indent=2, sort_keys=True) + "\n"
 
@@ -763,8 +762,10 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
     def noise_seed(self, seed) -> None:
         if seed is None:
             seed = secrets.randbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise TypeError(f"noise_seed must be None or an integer in [0, 2**63), got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"noise_seed must be None or an integer, got {type(seed).__name__} {seed!r}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"noise_seed must be in [0, 2**63), got {seed}")
         self._noise_seed = seed
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
@@ -791,16 +792,16 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
     def _load_noise_state(self, state: dict) -> None:
         try:
             self.noise_seed = state["noise_seed"]
-        except TypeError as error:
-            raise TypeError(f"state['noise_seed']: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"state['noise_seed']: {error}") from None
 
 
 def _draw(backend, generator, shape: tuple, dtype, device):
     """Standard normal noise from the caller's generator, which must advance in place (as diffusers' do)."""
-    noise, after = backend.normal(generator, shape, dtype=dtype, device=device)
+    values, after = backend.normal(generator, shape, dtype=dtype, device=device)
     if after is not generator:
         raise TypeError(
             f"generator must be a generator that advances in place (backend {backend.name!r} returned a new one, "
             "so every step would get the same noise); leave generator=None to use the scheduler's noise_seed"
         )
-    return noise
+    return values

@@ -233,8 +233,21 @@ def test_class_interface(tmp_path):
     plain = KDPM2DiscreteScheduler.from_config(scheduler.config)
     assert type(plain) is KDPM2DiscreteScheduler and plain.config["_class_name"] == "KDPM2DiscreteScheduler"
     assert "generator" not in __import__("inspect").signature(plain.step).parameters
-    with pytest.raises(TypeError, match="noise_seed"):
+    with pytest.raises(ValueError, match="noise_seed"):
         KDPM2AncestralDiscreteScheduler(noise_seed=-1)
+    with pytest.raises(TypeError, match="noise_seed"):
+        KDPM2AncestralDiscreteScheduler(noise_seed=1.5)
+    state = scheduler.state_dict()
+    state["noise_seed"] = "7"
+    with pytest.raises(TypeError, match="noise_seed"):
+        scheduler.load_state_dict(state)
+    # a deterministic scheduler refuses an ancestral state, by its keys and by its format
+    state["noise_seed"] = 5
+    with pytest.raises(ValueError, match="noise_seed"):
+        KDPM2DiscreteScheduler().load_state_dict(state)
+    del state["noise_seed"]
+    with pytest.raises(ValueError, match="KDPM2AncestralDiscreteScheduler.state/1"):
+        KDPM2DiscreteScheduler().load_state_dict(state)
 
 
 def test_seeded_noise_is_a_function_of_seed_and_substep():
