@@ -106,7 +106,7 @@ def test_gaussian_moments_after_every_substep(kdpm2_case):
 
 
 @pytest.mark.kdpm2_dtypes("float32", "float64")
-def test_functional_steps_equal_the_scheduler(kdpm2_case):
+def test_functional_ancestral_steps_equal_the_scheduler(kdpm2_case):
     """``functional.step`` with ``noise=`` the portable noise of ``(seed, substep)`` is the scheduler's loop with
     that ``noise_seed``, bit for bit: the same table, the same noise, the same operations."""
     case = kdpm2_case
