@@ -203,3 +203,45 @@ def test_bad_flow_options_name_the_option(options, call, message):
     with pytest.raises((TypeError, ValueError), match=message):
         scheduler = KDPM2DiscreteScheduler(**{"prediction_type": "flow_prediction", **options})
         scheduler.set_timesteps(**call)
+
+
+def test_checkpoint_mid_step_resumes_a_dynamic_shift_run_bit_for_bit(tmp_path):
+    from kdpm2core.checkpoint import load_checkpoint, save_checkpoint
+
+    def velocity(x, t):
+        return np.tanh(x) - x * (t / 1000.0)
+
+    def run(scheduler, x, start, stop):
+        for k in range(start, stop):
+            t = scheduler.timesteps[k]
+            x = scheduler.step(velocity(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+        return x
+
+    whole = ours_from(FLUX_DEV)
+    whole.set_timesteps(sigmas=np.linspace(1, 0.2, 5), mu=1.1)
+    x0 = np.random.default_rng(3).standard_normal((2, 3))
+    expected = run(whole, x0, 0, len(whole.timesteps))
+    first = ours_from(FLUX_DEV)
+    first.set_timesteps(sigmas=np.linspace(1, 0.2, 5), mu=1.1)
+    half = run(first, x0, 0, 3)  # after an Euler substep: the stored sample goes into the checkpoint
+    save_checkpoint(tmp_path, first, x=half)
+    resumed, arrays = load_checkpoint(tmp_path)
+    assert resumed.config.prediction_type == "flow_prediction" and resumed.step_index == 3
+    np.testing.assert_array_equal(run(resumed, arrays["x"], 3, len(resumed.timesteps)), expected)
+
+
+def test_functional_plan_takes_the_flow_options_and_refuses_churn():
+    from kdpm2core import functional as F
+
+    scheduler = ours_from(FLUX_DEV)
+    scheduler.set_timesteps(7, mu=0.7)
+    plan = F.make_plan(num_inference_steps=7, backend="numpy", dtype="float64", mu=0.7, **FLUX_DEV_OPTIONS)
+    np.testing.assert_array_equal(plan.table, scheduler.schedule.table)
+    np.testing.assert_array_equal(plan.input_scale, np.ones(13))
+    assert F.init_noise_sigma(plan) == 1.0
+    with pytest.raises(ValueError, match="s_churn"):
+        F.make_plan(num_inference_steps=4, backend="numpy", prediction_type="flow_prediction", s_churn=1.0)
+
+
+FLUX_DEV_OPTIONS = {key: value for key, value in FLUX_DEV.items() if not key.startswith("_")}
+FLUX_DEV_OPTIONS["prediction_type"] = "flow_prediction"
