@@ -728,8 +728,11 @@ def _draw_sigmas(ax, label: str, scheduler) -> None:
     (line,) = ax.plot(k, sigmas, "-", lw=1, label=label)
     ax.plot(k[::2], sigmas[::2], "o", ms=3, color=line.get_color())
     ax.plot(k[1::2], sigmas[1::2], "x", ms=3, color=line.get_color())
-    ax.set_yscale("log")
     ax.set_xlabel("substep (o Euler, x midpoint)")
+    if is_flow(scheduler.config):  # s in [0, 1]: a linear axis shows where a shift puts the steps
+        ax.set_ylabel("s the model sees")
+        return
+    ax.set_yscale("log")
     ax.set_ylabel("sigma the model sees")
 
 
