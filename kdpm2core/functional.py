@@ -195,7 +195,7 @@ def make_plan(
         if prediction_type is not None:  # the schedule's too: "flow_prediction" makes a flow schedule
             options["prediction_type"] = prediction_type
         validated = _config.validate_config(options)
-        if not validated["use_dynamic_shifting"]:
+        if _config.is_flow(validated) and not validated["use_dynamic_shifting"]:
             mu = None  # as set_timesteps: ignored without dynamic shifting
         base = build_schedule(validated, num_inference_steps, sigmas=sigmas, mu=mu)
         backend = get_backend(backend)

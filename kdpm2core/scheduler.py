@@ -393,12 +393,8 @@ class KDPM2DiscreteScheduler:
         """
         options = self._options()
         flow = _config.is_flow(options)
-        if mu is not None and not flow:
-            raise ValueError(
-                "mu (the dynamic shift) applies to flow-matching schedules only: prediction_type is not flow"
-            )
-        if not options["use_dynamic_shifting"]:
-            mu = None
+        if flow and not options["use_dynamic_shifting"]:
+            mu = None  # ignored, as diffusers' flow schedulers do (Flux pipelines always pass it)
         if timesteps is not None:
             if not flow:
                 raise ValueError("timesteps= is for flow-matching schedules; pass sigmas= (the timesteps follow them)")
