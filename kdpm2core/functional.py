@@ -43,7 +43,15 @@ import numpy as np
 from kdpm2core import config as _config
 from kdpm2core.backend import check_array
 from kdpm2core.plugins import get_backend
-from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
+from kdpm2core.schedule import (
+    Schedule,
+    build_schedule,
+    input_scale,
+    schedule_request,
+    sigma_to_t,
+    substep_table,
+    training_table_for,
+)
 
 __all__ = [
     "Plan",
@@ -119,7 +127,7 @@ class Plan(NamedTuple):
 
     timesteps: Array  #: (n,) float32: the timestep a diffusers-style model sees at each substep
     sigmas: Array  #: (n,) the sigma a denoiser sees at each substep
-    input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)``
+    input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)`` (1 on a flow schedule)
     table: Array  #: (n, 6) the coefficient rows ``(a, b, c, p, q, first)``, see :mod:`kdpm2core.schedule`
     noise: Array  #: (n,) standard deviation of the churn noise added before each substep (zeros: no churn)
     info: PlanInfo  #: host-side facts (static)
@@ -146,6 +154,7 @@ def make_plan(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    mu: float | None = None,
     **options,
 ) -> Plan:
     """Build a plan from a stateful scheduler, or from scheduler options.
@@ -163,6 +172,7 @@ def make_plan(
         s_tmin: Churn only steps whose sigma is at least this.
         s_tmax: Churn only steps whose sigma is at most this.
         s_noise: Scale of the churn noise.
+        mu: The dynamic shift of a flow-matching schedule with ``use_dynamic_shifting`` (as ``set_timesteps``).
         **options: Scheduler options (``beta_schedule=...``, ``use_karras_sigmas=...``), without ``source``.
 
     Returns:
@@ -171,7 +181,7 @@ def make_plan(
     if source is not None:
         if not hasattr(source, "schedule") or not hasattr(source, "config"):
             raise TypeError(f"source must be a KDPM2DiscreteScheduler or None, got {type(source).__name__}")
-        if options or num_inference_steps is not None or sigmas is not None:
+        if options or num_inference_steps is not None or sigmas is not None or mu is not None:
             raise ValueError("pass either a scheduler as source, or num_inference_steps/sigmas/options, not both")
         base, validated = source.schedule, _config.validate_config(source.config)
         backend = source.backend if backend is None else get_backend(backend)
@@ -182,8 +192,12 @@ def make_plan(
         if unknown:
             raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
         num_inference_steps = schedule_request(num_inference_steps, sigmas)
+        if prediction_type is not None:  # the schedule's too: "flow_prediction" makes a flow schedule
+            options["prediction_type"] = prediction_type
         validated = _config.validate_config(options)
-        base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
+        if _config.is_flow(validated) and not validated["use_dynamic_shifting"]:
+            mu = None  # as set_timesteps: ignored without dynamic shifting
+        base = build_schedule(validated, num_inference_steps, sigmas=sigmas, mu=mu)
         backend = get_backend(backend)
         device = backend.device(device)
     if isinstance(dtype, str):
@@ -228,6 +242,9 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
     base = info.base
     info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn)
     gammas = _gammas(base, churn)
+    flow = _config.is_flow(info.options)
+    if flow and np.any(gammas > 0):
+        raise ValueError("s_churn > 0 is not supported on a flow-matching schedule (its noise is not additive)")
     if not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
         timesteps, sigma_in, table = base.timesteps, base.sigma_in, base.table  # bit-identical to the scheduler
         noise = np.zeros_like(sigma_in)
@@ -247,7 +264,7 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple) -> Plan:
     return Plan(
         timesteps=backend.asarray(timesteps.astype(np.float32), device=device),
         sigmas=backend.asarray(sigma_in, dtype=dtype, device=device),
-        input_scale=backend.asarray(1.0 / np.sqrt(sigma_in**2 + 1.0), dtype=dtype, device=device),
+        input_scale=backend.asarray(input_scale(sigma_in, flow), dtype=dtype, device=device),
         table=backend.asarray(table, dtype=dtype, device=device),
         noise=backend.asarray(noise, dtype=dtype, device=device),
         info=info,
