@@ -17,6 +17,9 @@ from other processes falls on both. The rows:
 - ``set_timesteps(1000)``: Karras sigmas.
 - ``cold start``: a fresh interpreter that imports the library, builds a scheduler and sets 25 timesteps; ours
   must import neither torch nor jax.
+- ``flow substep``: a flow-matching schedule (the SD3-medium config, shift 3) on an SD3 latent (1x16x128x128):
+  our ``step`` per substep against diffusers' ``FlowMatchEulerDiscreteScheduler.step`` per step, what an SD3
+  pipeline calls. Shown, not judged: Euler makes one model call per step, DPM2 two.
 - ``jax loop``: the jitted whole-loop ``functional.sample`` against the eager Python loop over the stateful
   scheduler, both on the JAX backend, with a cheap model (compilation excluded: done once beforehand).
 """
@@ -201,6 +204,47 @@ def set_timesteps_row(repeats) -> dict:
     return row("set_timesteps(1000), Karras", times["ours"], times["diffusers"], 0.1)
 
 
+SD3_MEDIUM_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def flow_row(repeats, device="cpu") -> dict:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import kdpm2core
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 128, 128, generator=generator).to(device)
+    velocity = torch.randn(1, 16, 128, 128, generator=generator).to(device)
+    ours = kdpm2core.KDPM2DiscreteScheduler.from_config(SD3_MEDIUM_SCHEDULER, backend="torch")
+    theirs = FlowMatchEulerDiscreteScheduler.from_config(SD3_MEDIUM_SCHEDULER)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def loop(scheduler):
+        def run():
+            scheduler.set_timesteps(STEPS, device=device)
+            timesteps = scheduler.timesteps
+            x = x0
+            sync()
+            start = time.perf_counter()
+            for t in timesteps:
+                x = scheduler.step(velocity, t, x, return_dict=False)[0]
+            sync()
+            run.elapsed = (time.perf_counter() - start) / len(timesteps)  # per substep, set_timesteps left out
+
+        return run
+
+    times = interleaved({"ours": loop(ours), "diffusers": loop(theirs)}, repeats, self_timed=True)
+    return row(
+        "flow substep 1x16x128x128 (vs FlowMatchEuler step)",
+        times["ours"],
+        times["diffusers"],
+        unit="us",
+        scale=1e6,
+        note="shown, not judged: per model call",
+    )
+
+
 OURS_COLD = (
     "import kdpm2core; s = kdpm2core.KDPM2DiscreteScheduler(); s.set_timesteps(25); import sys; "
     "assert 'torch' not in sys.modules and 'jax' not in sys.modules, 'a framework was imported'"
@@ -329,7 +373,7 @@ def main(argv=None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=["small", "large", "ancestral", "set_timesteps", "cold", "jax"],
+        choices=["small", "large", "ancestral", "set_timesteps", "flow", "cold", "jax"],
     )
     parser.add_argument(
         "--no-page-faults",
@@ -353,7 +397,7 @@ def main(argv=None) -> int:
         import diffusers  # noqa: F401
     except ImportError:
         print("diffusers is not installed: only the jax row runs (pip install diffusers)", file=sys.stderr)
-        args.skip += ["small", "large", "ancestral", "set_timesteps", "cold"]
+        args.skip += ["small", "large", "ancestral", "set_timesteps", "flow", "cold"]
     if "small" not in args.skip:
         rows += substep_rows((1, 4, 64, 64), args.device, repeats * 10, floor=False)  # a loop is only 1 to 3 ms
     if "large" not in args.skip:
@@ -362,6 +406,8 @@ def main(argv=None) -> int:
         rows += substep_rows((1, 4, 64, 64), args.device, repeats * 10, floor=False, ancestral=True)
     if "set_timesteps" not in args.skip:
         rows.append(set_timesteps_row(repeats * 3))
+    if "flow" not in args.skip:
+        rows.append(flow_row(repeats, args.device))
     if "cold" not in args.skip:
         rows.append(cold_start_row(max(3, repeats // 2)))
     if "jax" not in args.skip:

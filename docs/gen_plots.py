@@ -20,13 +20,23 @@ from kdpm2core.schedule import build_schedule
 STEPS = 10
 
 
-def scheduler(steps: int = STEPS, sigmas=None, **options) -> KDPM2DiscreteScheduler:
+def scheduler(steps: int = STEPS, sigmas=None, mu=None, **options) -> KDPM2DiscreteScheduler:
     s = KDPM2DiscreteScheduler(**options)
     if sigmas is None:
-        s.set_timesteps(steps)
+        s.set_timesteps(steps, mu=mu)
     else:
-        s.set_timesteps(sigmas=sigmas)
+        s.set_timesteps(sigmas=sigmas, mu=mu)
     return s
+
+
+def flux_mu(image_size: int) -> float:
+    """The ``mu`` a Flux pipeline computes for a square image: linear in the number of 16x16-pixel latent
+    tokens, from ``base_shift`` 0.5 at 256 tokens to ``max_shift`` 1.15 at 4096 (the Flux-dev config)."""
+    tokens = (image_size // 16) ** 2
+    return 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+
+
+FLOW = {"prediction_type": "flow_prediction"}
 
 
 def geometric_betas(num: int = 1000) -> list[float]:
@@ -58,6 +68,16 @@ FIGURES = {
     "timestep_spacing.png": {name: scheduler(timestep_spacing=name) for name in ("linspace", "leading", "trailing")},
     "steps_offset.png": {
         f"leading, steps_offset {n}": scheduler(timestep_spacing="leading", steps_offset=n) for n in (0, 1, 50)
+    },
+    "flow_shift.png": {
+        f"shift {shift}{label}": scheduler(shift=shift, **FLOW)
+        for shift, label in ((1.0, ""), (3.0, " (SD3)"), (6.0, ""))
+    },
+    "flow_dynamic_shift.png": {
+        f"{size}x{size} image: mu {flux_mu(size):.2f}": scheduler(
+            sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=flux_mu(size), use_dynamic_shifting=True, **FLOW
+        )
+        for size in (256, 512, 1024)
     },
     "custom_sigmas.png": {
         "10 default steps": scheduler(),

@@ -21,8 +21,9 @@ import click
 import numpy as np
 
 from kdpm2core import __version__, toy
-from kdpm2core.config import CHOICES
+from kdpm2core.config import CHOICES, is_flow
 from kdpm2core.plugins import BackendError, available_backends, backend_report, get_backend, registry
+from kdpm2core.schedule import flow_shift
 from kdpm2core.scheduler import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 
 __all__ = ["main", "cli"]
@@ -210,6 +211,18 @@ def scheduler_options(command):
             metavar="S0,S1,...,0",
             help="Explicit decreasing sigmas, final one included (overrides --steps and --sigmas).",
         ),
+        click.option(
+            "--shift",
+            type=float,
+            default=None,
+            help="Shift of a flow-matching schedule (--prediction-type flow_prediction; SD3: 3) [default 1].",
+        ),
+        click.option(
+            "--mu",
+            type=float,
+            default=None,
+            help="Dynamic shift of a flow-matching schedule, shift e^mu (as Flux pipelines compute it).",
+        ),
     ]
     return _with_options(command, options)
 
@@ -255,6 +268,10 @@ def _config_from(opts: dict) -> dict:
             config[key] = opts[key]
     if opts["sigma_family"] != "default":
         config[f"use_{opts['sigma_family']}_sigmas"] = True
+    if opts["shift"] is not None:
+        config["shift"] = opts["shift"]
+    if opts["mu"] is not None:
+        config["use_dynamic_shifting"] = True
     return config
 
 
@@ -279,20 +296,31 @@ def _make_scheduler(opts: dict, backend_name: str = "numpy", device=None, seed: 
 def _reset(scheduler, opts: dict, device=None) -> None:
     sigmas = _parse_sigmas(opts["custom_sigmas"])
     if sigmas is None:
-        scheduler.set_timesteps(opts["steps"], device=device)
+        scheduler.set_timesteps(opts["steps"], device=device, mu=opts["mu"])
     else:
-        scheduler.set_timesteps(device=device, sigmas=sigmas)
+        scheduler.set_timesteps(device=device, sigmas=sigmas, mu=opts["mu"])
 
 
 def _describe_schedule(scheduler) -> str:
     sigmas = np.asarray(scheduler.backend.to_numpy(scheduler.sigmas), dtype=np.float64)
     config = scheduler.config
     family = next((name for name in SIGMA_FAMILIES[1:] if config.get(f"use_{name}_sigmas")), "default")
+    if is_flow(config):
+        shift = _flow_shift_of(scheduler)
+        return (
+            f"s {sigmas[0]:.4g} -> {sigmas[sigmas > 0].min():.4g} -> {sigmas[-1]:.4g}, flow matching, "
+            f"shift {shift:.4g}, {family} sigmas, flow_prediction"
+        )
     return (
         f"sigma {sigmas[0]:.4g} -> {sigmas[sigmas > 0].min():.4g} -> {sigmas[-1]:.4g}, "
         f"{config.timestep_spacing} spacing, {family} sigmas, {config.beta_schedule} betas, "
         f"{config.prediction_type} prediction"
     )
+
+
+def _flow_shift_of(scheduler) -> float:
+    """The shift the scheduler's flow schedule was built with (``e^mu`` or ``mu`` with dynamic shifting)."""
+    return flow_shift(scheduler.config, scheduler.state_dict()["schedule"]["mu"])
 
 
 # -- running the toys ------------------------------------------------------------------------------------------
@@ -649,7 +677,8 @@ def schedule(plot, as_json, **opts):
         [k, k // 2, "euler" if k % 2 == 0 else "midpoint", f"{t:.4f}", f"{s:.6g}"]
         for k, (t, s) in enumerate(zip(timesteps, sigmas))
     ]
-    click.echo(_table(["substep", "step", "kind", "timestep", "sigma"], rows))
+    # a flow schedule's noise level is s in [0, 1], and its timesteps are the shifted s * num_train_timesteps
+    click.echo(_table(["substep", "step", "kind", "timestep", "s" if is_flow(scheduler.config) else "sigma"], rows))
     if plot:
         click.echo(f"plot written to {plot}")
 
@@ -710,8 +739,11 @@ def _draw_sigmas(ax, label: str, scheduler) -> None:
     (line,) = ax.plot(k, sigmas, "-", lw=1, label=label)
     ax.plot(k[::2], sigmas[::2], "o", ms=3, color=line.get_color())
     ax.plot(k[1::2], sigmas[1::2], "x", ms=3, color=line.get_color())
-    ax.set_yscale("log")
     ax.set_xlabel("substep (o Euler, x midpoint)")
+    if is_flow(scheduler.config):  # s in [0, 1]: a linear axis shows where a shift puts the steps
+        ax.set_ylabel("s the model sees")
+        return
+    ax.set_yscale("log")
     ax.set_ylabel("sigma the model sees")
 
 

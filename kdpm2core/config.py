@@ -39,11 +39,35 @@ DEFAULTS = {
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 0,
+    # flow matching (rectified flow): DPMSolverMultistepScheduler's spelling ...
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+    # ... and FlowMatchEulerDiscreteScheduler's, so that SD3 and Flux configs load as they are
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
 }
 CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
     "timestep_spacing": ("linspace", "leading", "trailing"),
+    "time_shift_type": ("exponential", "linear"),
+}
+#: the flow-matching options (diffusers' KDPM2 has none of them)
+FLOW_OPTIONS = tuple(DEFAULTS)[tuple(DEFAULTS).index("use_flow_sigmas") :]
+# the diffusers schedulers whose configs describe a flow-matching model: their configs carry no prediction_type
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+# FlowMatchEulerDiscreteScheduler options that select a behaviour DPM2 does not have
+UNSUPPORTED_FLOW_OPTIONS = {
+    "invert_sigmas": "sigmas that increase (1 - s), used to invert an image into noise",
+    "stochastic_sampling": "re-noising each step with fresh noise (a stochastic Euler sampler)",
 }
 # diffusers' from_pretrained options for downloading from the Hub: ours reads local files only, so they are
 # accepted and have nothing to do (as in diffusers for a local directory)
@@ -69,10 +93,9 @@ FOREIGN_SCHEDULER_KEYS = frozenset(
     """clip_sample clip_sample_range set_alpha_to_one skip_prk_steps variance_type thresholding
     dynamic_thresholding_ratio sample_max_value rescale_betas_zero_snr interpolation_type timestep_type
     sigma_min sigma_max final_sigmas_type algorithm_type solver_order solver_type lower_order_final
-    use_lu_lambdas euler_at_final lambda_min_clipped variance_type use_flow_sigmas flow_shift
+    use_lu_lambdas euler_at_final lambda_min_clipped variance_type
     disable_corrector solver_p predict_x0 eta sigma_data rho s_noise final_sigmas_type
-    use_dynamic_shifting time_shift_type num_inference_steps shift_terminal sigma_schedule
-    noise_sampler_seed""".split()
+    num_inference_steps sigma_schedule noise_sampler_seed""".split()
 )
 
 
@@ -131,6 +154,10 @@ def _bool(key, value):
     return bool(value)
 
 
+def _optional_float(key, value):
+    return None if value is None else _float(key, value)
+
+
 def _choice(key, value):
     if not isinstance(value, str):
         raise TypeError(f"{key} must be a string, got {type(value).__name__} {value!r}")
@@ -184,7 +211,41 @@ def validate_config(values: Mapping) -> dict:
     switched_on = [key for key in SIGMA_FAMILIES if out[key]]
     if len(switched_on) > 1:
         raise ValueError(f"only one sigma family can be switched on, got {', '.join(switched_on)}")
+    _validate_flow(out)
     return out
+
+
+def _validate_flow(out: dict) -> None:
+    """Check and normalise the flow-matching options of ``out`` in place."""
+    for key in ("use_flow_sigmas", "use_dynamic_shifting", *UNSUPPORTED_FLOW_OPTIONS):
+        out[key] = _bool(key, out[key])
+    for key, what in UNSUPPORTED_FLOW_OPTIONS.items():
+        if out[key]:
+            raise ValueError(f"{key}=True ({what}) is not supported by the DPM2 sampler; set {key}=False")
+    for key in ("base_image_seq_len", "max_image_seq_len"):
+        out[key] = _int(key, out[key], 1)
+    for key in ("base_shift", "max_shift"):  # read by pipelines to compute mu, never by the scheduler
+        out[key] = _optional_float(key, out[key])
+    for key in ("shift", "flow_shift"):
+        out[key] = _float(key, out[key])
+        if out[key] <= 0:
+            raise ValueError(f"{key} must be > 0, got {out[key]}")
+    out["shift_terminal"] = _optional_float("shift_terminal", out["shift_terminal"])
+    if out["shift_terminal"] is not None and not 0 <= out["shift_terminal"] < 1:
+        raise ValueError(f"shift_terminal must be in [0, 1) or null, got {out['shift_terminal']}")
+    for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+        if out[key] and out["prediction_type"] != "flow_prediction":
+            raise ValueError(f"{key}=True needs prediction_type='flow_prediction', got {out['prediction_type']!r}")
+    if out["use_flow_sigmas"] and out["shift"] != 1.0 and out["shift"] != out["flow_shift"]:
+        raise ValueError(
+            f"shift={out['shift']} and flow_shift={out['flow_shift']} disagree: with use_flow_sigmas=True the shift "
+            "is flow_shift; set one of them"
+        )
+
+
+def is_flow(options: Mapping) -> bool:
+    """Whether validated ``options`` describe a flow-matching (rectified-flow) model."""
+    return options["prediction_type"] == "flow_prediction"
 
 
 def split_config(
@@ -215,6 +276,8 @@ def split_config(
         for key in DEFAULTS
         if key in overrides or key in source
     }
+    if _is_flow_scheduler(source_class) and "prediction_type" not in options:
+        options["prediction_type"] = "flow_prediction"  # a FlowMatch* scheduler's model predicts the velocity
     kept = {key: value for key, value in source.items() if key not in options}
     if "_class_name" in kept:
         kept["_class_name"] = class_name
@@ -225,6 +288,11 @@ def split_config(
         )
     unused = {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, **kept}
     return options, unused, kept
+
+
+def _is_flow_scheduler(class_name) -> bool:
+    names = [class_name] if isinstance(class_name, str) else list(class_name or ())
+    return any(name in FLOW_SCHEDULERS for name in names)
 
 
 def updated_config(config: Mapping, changes: Mapping) -> FrozenConfig:
@@ -248,8 +316,14 @@ def _json_value(value):
 def to_json_dict(config: Mapping, class_name: str = CLASS_NAME) -> dict:
     """The diffusers-format dict written to ``scheduler_config.json``: every key of the config, other schedulers'
     too, with ``_class_name`` and ``_diffusers_version``, but without ``_use_default_values`` (as diffusers
-    writes it, a loaded file gives values for every option)."""
-    out = {key: _json_value(value) for key, value in config.items() if key not in (USE_DEFAULT_VALUES, "_ignore_files")}
+    writes it, a loaded file gives values for every option). The flow-matching options at their defaults are left
+    out: diffusers' KDPM2 and the schedulers sharing its config would warn about keys they do not know, and a
+    missing option reads as its default."""
+    out = {
+        key: _json_value(value)
+        for key, value in config.items()
+        if key not in (USE_DEFAULT_VALUES, "_ignore_files") and not (key in FLOW_OPTIONS and value == DEFAULTS[key])
+    }
     out["_class_name"] = class_name
     out["_diffusers_version"] = diffusers_format_version(config)
     return out

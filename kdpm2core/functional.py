@@ -44,7 +44,15 @@ from kdpm2core import config as _config
 from kdpm2core import noise as portable
 from kdpm2core.backend import check_array
 from kdpm2core.plugins import get_backend
-from kdpm2core.schedule import Schedule, build_schedule, schedule_request, sigma_to_t, substep_table, training_table_for
+from kdpm2core.schedule import (
+    Schedule,
+    build_schedule,
+    input_scale,
+    schedule_request,
+    sigma_to_t,
+    substep_table,
+    training_table_for,
+)
 
 __all__ = [
     "Plan",
@@ -146,7 +154,7 @@ class Plan(NamedTuple):
 
     timesteps: Array  #: (n,) float32: the timestep a diffusers-style model sees at each substep
     sigmas: Array  #: (n,) the sigma a denoiser sees at each substep
-    input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)``
+    input_scale: Array  #: (n,) the model input scale ``1 / sqrt(sigma**2 + 1)`` (1 on a flow schedule)
     table: Array  #: (n, 7) the coefficient rows ``(a, b, c, p, q, first, n)``, see :mod:`kdpm2core.schedule`
     noise: Array  #: (n,) standard deviation of the churn noise added before each substep (zeros: no churn)
     info: PlanInfo  #: host-side facts (static)
@@ -174,6 +182,7 @@ def make_plan(
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
     eta: float | None = None,
+    mu: float | None = None,
     **options,
 ) -> Plan:
     """Build a plan from a stateful scheduler, or from scheduler options.
@@ -195,6 +204,7 @@ def make_plan(
             times the noise the forward process removed (1: diffusers' ``KDPM2AncestralDiscreteScheduler``;
             0: deterministic). ``None``: the source scheduler's (1 for the ancestral class), else 0. An
             ancestral plan's :func:`step` takes ``noise=``; :func:`sample` draws it.
+        mu: The dynamic shift of a flow-matching schedule with ``use_dynamic_shifting`` (as ``set_timesteps``).
         **options: Scheduler options (``beta_schedule=...``, ``use_karras_sigmas=...``), without ``source``.
 
     Returns:
@@ -203,7 +213,7 @@ def make_plan(
     if source is not None:
         if not hasattr(source, "schedule") or not hasattr(source, "config"):
             raise TypeError(f"source must be a KDPM2DiscreteScheduler or None, got {type(source).__name__}")
-        if options or num_inference_steps is not None or sigmas is not None:
+        if options or num_inference_steps is not None or sigmas is not None or mu is not None:
             raise ValueError("pass either a scheduler as source, or num_inference_steps/sigmas/options, not both")
         base, validated = source.schedule, _config.validate_config(source.config)
         backend = source.backend if backend is None else get_backend(backend)
@@ -214,8 +224,12 @@ def make_plan(
         if unknown:
             raise TypeError(f"make_plan() got unknown scheduler options: {', '.join(unknown)}")
         num_inference_steps = schedule_request(num_inference_steps, sigmas)
+        if prediction_type is not None:  # the schedule's too: "flow_prediction" makes a flow schedule
+            options["prediction_type"] = prediction_type
         validated = _config.validate_config(options)
-        base = build_schedule(validated, num_inference_steps, sigmas=sigmas)
+        if _config.is_flow(validated) and not validated["use_dynamic_shifting"]:
+            mu = None  # as set_timesteps: ignored without dynamic shifting
+        base = build_schedule(validated, num_inference_steps, sigmas=sigmas, mu=mu)
         backend = get_backend(backend)
         device = backend.device(device)
     if isinstance(dtype, str):
@@ -272,6 +286,11 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple, eta: float) -> 
     base = info.base
     info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn, eta)
     gammas = _gammas(base, churn)
+    flow = _config.is_flow(info.options)
+    if flow and (np.any(gammas > 0) or eta > 0):
+        raise ValueError(
+            "s_churn > 0 and eta > 0 are not supported on a flow-matching schedule (its noise is not additive)"
+        )
     deterministic = eta == 0 and not np.any(base.table[:, 6])
     if deterministic and not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
         timesteps, sigma_in, table = base.timesteps, base.sigma_in, base.table  # bit-identical to the scheduler
@@ -286,16 +305,18 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple, eta: float) -> 
         )
         raised = gammas[step_of_row] > 0
         log_sigmas = training_table_for(info.options).log_sigmas
-        # unchurned steps keep the scheduler's timesteps; midpoints and raised sigmas get their own sigma's
-        step_t = base.timesteps[euler][step_of_row]
-        timesteps = np.where(raised | midpoint, sigma_to_t(sigma_in, log_sigmas), step_t)
+        if deterministic:  # unchurned steps keep the scheduler's timesteps; raised sigmas get their own sigma's
+            timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
+        else:  # DPM2 a's midpoints lie between sigma and sigma_down: they get their own sigma's timestep too
+            step_t = base.timesteps[euler][step_of_row]
+            timesteps = np.where(raised | midpoint, sigma_to_t(sigma_in, log_sigmas), step_t)
         added = churn[3] * np.sqrt(np.maximum(sigma_hat**2 - step_sigmas**2, 0.0))
         noise = np.where(midpoint, 0.0, added[step_of_row])
     backend, dtype, device = info.backend, info.dtype, info.device
     return Plan(
         timesteps=backend.asarray(timesteps.astype(np.float32), device=device),
         sigmas=backend.asarray(sigma_in, dtype=dtype, device=device),
-        input_scale=backend.asarray(1.0 / np.sqrt(sigma_in**2 + 1.0), dtype=dtype, device=device),
+        input_scale=backend.asarray(input_scale(sigma_in, flow), dtype=dtype, device=device),
         table=backend.asarray(table, dtype=dtype, device=device),
         noise=backend.asarray(noise, dtype=dtype, device=device),
         info=info,

@@ -16,6 +16,11 @@ single Euler substep. Each substep is two linear combinations whose coefficients
 so they form a table with one row ``(a, b, c, p, q, first, n)`` per substep; ``first`` is 1 on the Euler
 substeps, whose ``sample`` the following midpoint substep needs as ``stored``.
 
+Flow-matching (rectified-flow) models, ``x_s = (1 - s) * x0 + s * noise`` with ``s`` in [0, 1] and a model that
+predicts the velocity ``v = noise - x0``, use the same table on a schedule of ``s``: their denoiser is
+``x0 = x - s * v`` and the probability-flow ODE ``dx/ds = v = (x - x0) / s``, which is the epsilon
+parameterisation with ``sigma -> s`` and ``epsilon -> v``, and the model input needs no scaling.
+
 The ancestral sampler (DPM2 a) is the same table for other sigmas. Each step from ``s`` to ``s_next`` splits
 ``s_next`` into ``s_down`` and ``s_up`` (k-diffusion's ``get_ancestral_step``; ``s_down**2 + s_up**2 ==
 s_next**2``), steps deterministically to ``s_down`` through ``sqrt(s * s_down)``, and the midpoint substep adds
@@ -32,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kdpm2core.config import positive_int
+from kdpm2core.config import is_flow, positive_int
 
 __all__ = [
     "Schedule",
@@ -43,6 +48,11 @@ __all__ = [
     "training_table",
     "training_table_for",
     "sigma_to_t",
+    "input_scale",
+    "shift_sigmas",
+    "flow_shift",
+    "flow_sigmas",
+    "NO_SHIFT_MU",
     "COLUMNS",
     "TRAINING_OPTIONS",
 ]
@@ -218,7 +228,7 @@ def substep_table(
     dt = np.where(midpoint, nxt - hat, mid - hat)
     a = midpoint.astype(np.float64)
     base = 1.0 - a  # the Euler substep starts from ``sample``, the midpoint substep from ``stored``
-    if prediction_type == "epsilon":  # x0 = x - s * eps
+    if prediction_type in ("epsilon", "flow_prediction"):  # x0 = x - s * eps; for flow x0 = x - s * v
         p, q = np.ones_like(sigma_in), -sigma_in
         b, c = base, dt
     elif prediction_type == "v_prediction":  # x0 = x / (s^2 + 1) - s * v / sqrt(s^2 + 1)
@@ -228,25 +238,103 @@ def substep_table(
         p, q = np.zeros_like(sigma_in), np.ones_like(sigma_in)
         b, c = base + dt / sigma_in, -dt / sigma_in
     else:
-        raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be one of epsilon, v_prediction, sample, flow_prediction; got {prediction_type!r}"
+        )
     first = (~midpoint).astype(np.float64)
     n = np.where(midpoint, s_noise * up[step], 0.0)  # noise only after a midpoint substep (k-diffusion's rule)
     table = np.stack([a, b, c, p, q, first, n], axis=1)
     return sigma_in, midpoint, table, step
 
 
-def _check_custom_sigmas(sigmas) -> np.ndarray:
+def input_scale(sigma_in: np.ndarray, flow: bool) -> np.ndarray:
+    """The factor ``scale_model_input`` applies at each substep: ``1 / sqrt(sigma^2 + 1)``, which turns the
+    sampler's ``x0 + sigma * noise`` into the model's unit-variance input; 1 on a flow schedule, whose sample
+    ``(1 - s) * x0 + s * noise`` is the model's input as it is."""
+    if flow:
+        return np.ones_like(sigma_in)
+    return 1.0 / np.sqrt(sigma_in**2 + 1.0)
+
+
+def _check_custom_sigmas(sigmas, at_least: int = 2) -> np.ndarray:
     try:
         values = np.asarray(sigmas, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"sigmas must be a 1-D sequence of numbers, got {type(sigmas).__name__}") from None
-    if values.ndim != 1 or values.size < 2:
-        raise ValueError(f"sigmas must be 1-D with at least 2 values (start and end), got shape {values.shape}")
+    if values.ndim != 1 or values.size < at_least:
+        raise ValueError(f"sigmas must be 1-D with at least {at_least} values, got shape {values.shape}")
     if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > np.finfo(np.float32).max):
         raise ValueError("sigmas must be finite, non-negative and within float32 range (they are stored as float32)")
     if np.any(np.diff(values) >= 0):
         raise ValueError("sigmas must be strictly decreasing")
     return values
+
+
+def shift_sigmas(s: np.ndarray, shift: float) -> np.ndarray:
+    """The shifted flow schedule ``shift * s / (1 + (shift - 1) * s)`` (Esser et al. 2024, eq. 23): ``shift > 1``
+    spends more steps at high noise; 0 and 1 stay where they are."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+#: the ``mu`` of no dynamic shift, per ``time_shift_type`` (shift ``e^0 = 1``, shift ``1``)
+NO_SHIFT_MU = {"exponential": 0.0, "linear": 1.0}
+
+
+def flow_shift(config: Mapping, mu: float | None) -> float:
+    """The shift of a flow schedule: the configured one (``flow_shift`` with ``use_flow_sigmas``, else
+    ``shift``), or with ``use_dynamic_shifting`` the resolution-dependent one given by ``mu``.
+
+    diffusers' dynamic time shift ``e^mu / (e^mu + (1/s - 1))`` ("exponential") and ``mu / (mu + (1/s - 1))``
+    ("linear") are :func:`shift_sigmas` with ``shift = e^mu`` and ``shift = mu``, written without ``1/s``.
+    """
+    if not config["use_dynamic_shifting"]:
+        return config["flow_shift"] if config["use_flow_sigmas"] else config["shift"]
+    if mu is None:
+        raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+    if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating, np.integer)) or not math.isfinite(mu):
+        raise TypeError(f"mu must be a finite number, got {type(mu).__name__} {mu!r}")
+    if config["time_shift_type"] == "exponential":
+        return math.exp(mu)
+    if mu <= 0:
+        raise ValueError(f"mu must be > 0 with time_shift_type='linear', got {mu}")
+    return float(mu)
+
+
+def flow_sigmas(
+    config: Mapping, num_inference_steps: int | None, *, sigmas=None, mu=None, num_train_timesteps: int | None = None
+) -> np.ndarray:
+    """The decreasing step values of ``s`` of a flow-matching schedule (float64, final 0 not included).
+
+    Without ``sigmas``: ``FlowMatchEulerDiscreteScheduler``'s even spacing of ``s`` from 1 down to its shifted
+    ``1 / num_train_timesteps``, or with ``use_flow_sigmas`` ``DPMSolverMultistepScheduler``'s spacing of
+    ``n + 1`` values from 1 to ``1 / num_train_timesteps`` less the last. ``sigmas`` are step values as
+    diffusers' flow schedulers take them (a final 0, k-diffusion style, is allowed and dropped). Then, as in
+    diffusers: the shift (:func:`flow_shift`), the stretch to ``shift_terminal``, and a Karras, exponential or
+    beta family over the resulting range.
+    """
+    num_train = num_train_timesteps or config["num_train_timesteps"]
+    shift = flow_shift(config, mu)
+    if sigmas is not None:
+        steps = _check_custom_sigmas(sigmas, at_least=1)
+        if steps.max() > 1:
+            raise ValueError(f"sigmas of a flow-matching schedule must lie in [0, 1], got a maximum of {steps.max()}")
+        steps = steps[:-1] if steps[-1] == 0 else steps
+        if steps.size == 0:
+            raise ValueError("sigmas must hold at least one value above 0")
+    elif config["use_flow_sigmas"]:
+        steps = 1.0 - np.linspace(1.0, 1.0 / num_train, num_inference_steps + 1)[::-1][:-1]
+    else:
+        # diffusers shifts its lowest training value once when the scheduler is made (without dynamic
+        # shifting), and the spacing between 1 and it is shifted again below
+        lowest = 1.0 / num_train
+        if not config["use_dynamic_shifting"]:
+            lowest = float(shift_sigmas(lowest, config["shift"]))
+        steps = np.linspace(1.0, lowest, num_inference_steps)
+    steps = shift_sigmas(steps, shift)
+    terminal = config["shift_terminal"]
+    if terminal:  # stretch 1 - s so that the last step value is ``shift_terminal`` (0 leaves it, as diffusers)
+        steps = 1.0 - (1.0 - steps) * ((1.0 - terminal) / (1.0 - steps[-1]))
+    return _sigma_family(config, steps, steps.size)
 
 
 def schedule_request(num_inference_steps, sigmas) -> int | None:
@@ -266,11 +354,28 @@ def build_schedule(
     sigmas=None,
     num_train_timesteps: int | None = None,
     eta: float = 0.0,
+    mu: float | None = None,
 ) -> Schedule:
     """The schedule ``set_timesteps`` installs, for a validated config (see :mod:`kdpm2core.config`); ``eta > 0``
-    gives the ancestral sampler's (1: diffusers' ``KDPM2AncestralDiscreteScheduler``)."""
+    gives the ancestral sampler's (1: diffusers' ``KDPM2AncestralDiscreteScheduler``).
+
+    ``mu`` is the dynamic shift of a flow-matching schedule (see :func:`flow_shift`)."""
     train = training_table_for(config)
-    if sigmas is not None:  # k-diffusion style: the whole decreasing sequence, final sigma included
+    flow = is_flow(config)
+    if flow and eta:
+        raise ValueError(
+            "the ancestral sampler (DPM2 a) does not support flow-matching schedules (prediction_type "
+            "'flow_prediction'): its noise is not additive there; use KDPM2DiscreteScheduler"
+        )
+    if flow:  # timesteps are s * num_train_timesteps, so they are set below, after the midpoints
+        step_sigmas = flow_sigmas(
+            config, num_inference_steps, sigmas=sigmas, mu=mu, num_train_timesteps=num_train_timesteps
+        )
+        step_sigmas = step_sigmas.astype(np.float32).astype(np.float64)
+        final = 0.0
+    elif mu is not None:
+        raise ValueError("mu (the dynamic shift) applies to flow-matching schedules only: prediction_type is not flow")
+    elif sigmas is not None:  # k-diffusion style: the whole decreasing sequence, final sigma included
         values = _check_custom_sigmas(sigmas).astype(np.float32).astype(np.float64)
         step_sigmas, final = values[:-1], values[-1]
         step_t = sigma_to_t(step_sigmas, train.log_sigmas)
@@ -292,8 +397,11 @@ def build_schedule(
 
     sigma_next = np.append(step_sigmas[1:], final)
     sigma_in, midpoint, table, step = substep_table(step_sigmas, sigma_next, config["prediction_type"], eta=eta)
-    timesteps = np.where(midpoint, sigma_to_t(sigma_in, train.log_sigmas), step_t[step])
     expanded = np.concatenate([step_sigmas[:1], np.repeat(sigma_next, 2), [final]])
+    if flow:  # x_1 is the noise itself
+        timesteps = sigma_in * (num_train_timesteps or config["num_train_timesteps"])
+        return Schedule(timesteps, expanded, sigma_in, table, 1.0)
+    timesteps = np.where(midpoint, sigma_to_t(sigma_in, train.log_sigmas), step_t[step])
     top = float(expanded.max())
     init = top if config["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(top * top + 1.0)
     return Schedule(timesteps, expanded, sigma_in, table, init)

@@ -33,9 +33,11 @@ from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import (
     COLUMNS,
+    NO_SHIFT_MU,
     TRAINING_OPTIONS,
     Schedule,
     build_schedule,
+    input_scale,
     schedule_request,
     training_table,
 )
@@ -155,9 +157,24 @@ class _KDPM2Scheduler:
         use_karras_sigmas: Use the sigma sequence of Karras et al. (2022), rho = 7.
         use_exponential_sigmas: Use sigmas evenly spaced in log-sigma.
         use_beta_sigmas: Use the Beta(0.6, 0.6) quantile sigmas of Lee et al. (2024).
-        prediction_type: What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type: What the model predicts: ``"epsilon"``, ``"v_prediction"``, ``"sample"``, or
+            ``"flow_prediction"`` (the velocity ``noise - x0`` of a flow-matching model such as SD3 or Flux; the
+            schedule is then one of ``s`` in [0, 1], see docs/flow.md). A config of diffusers'
+            ``FlowMatchEulerDiscreteScheduler`` given to :meth:`from_config` sets it.
         timestep_spacing: ``"linspace"``, ``"leading"`` or ``"trailing"`` (Lin et al. 2023, Table 2).
         steps_offset: Offset added to ``leading`` timesteps.
+        use_flow_sigmas: Flow schedule spaced as ``DPMSolverMultistepScheduler``'s (with ``flow_shift``).
+        flow_shift: The shift of that schedule.
+        shift: The shift of ``FlowMatchEulerDiscreteScheduler``'s flow schedule (SD3: 3.0).
+        use_dynamic_shifting: Resolution-dependent shift: ``set_timesteps`` takes ``mu`` (Flux).
+        base_shift: Read by pipelines to compute ``mu``; unused by the scheduler.
+        max_shift: Read by pipelines to compute ``mu``; unused by the scheduler.
+        base_image_seq_len: Read by pipelines to compute ``mu``; unused by the scheduler.
+        max_image_seq_len: Read by pipelines to compute ``mu``; unused by the scheduler.
+        shift_terminal: Stretch the flow schedule so that its last step value is this.
+        time_shift_type: How ``mu`` shifts: ``"exponential"`` (shift ``e^mu``) or ``"linear"`` (shift ``mu``).
+        invert_sigmas: Not supported (must be False); kept so that diffusers configs load.
+        stochastic_sampling: Not supported (must be False); kept so that diffusers configs load.
         backend: Name of a registered backend (``None``: ``$KDPM2_BACKEND``, else ``"numpy"``). A runtime
             choice, not part of the saved config.
         check_finite: Opt-in check mode: :meth:`step` raises :class:`kdpm2core.errors.NonFiniteError`,
@@ -188,6 +205,18 @@ class _KDPM2Scheduler:
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
+        invert_sigmas: bool = False,
+        stochastic_sampling: bool = False,
         *,
         backend=None,
         check_finite: bool = False,
@@ -201,7 +230,9 @@ class _KDPM2Scheduler:
             raise TypeError(f"check_finite must be True or False, got {type(check_finite).__name__}")
         self.check_finite = check_finite
         self._training = None
-        self.set_timesteps(self.config["num_train_timesteps"])
+        # the training timesteps, as diffusers makes them at construction (with the dynamic shift undecided)
+        unshifted = NO_SHIFT_MU[time_shift_type] if use_dynamic_shifting else None
+        self.set_timesteps(self.config["num_train_timesteps"], mu=unshifted)
 
     # -- configuration ----------------------------------------------------------------------------------------
     @property
@@ -358,20 +389,44 @@ class _KDPM2Scheduler:
         num_train_timesteps: int | None = None,
         *,
         sigmas=None,
+        mu: float | None = None,
+        timesteps=None,
     ) -> None:
         """Install the schedule for ``num_inference_steps`` steps, or for custom decreasing ``sigmas``.
 
         ``sigmas`` is k-diffusion style: the whole sequence including the final sigma (usually 0), one step
         per consecutive pair. ``timesteps`` and ``sigmas`` are then backend arrays on ``device``.
+
+        Flow-matching schedules take the arguments as diffusers' ``FlowMatchEulerDiscreteScheduler`` does:
+        ``sigmas`` are the step values of ``s`` before the shift (the final 0 is appended), ``mu`` is the
+        dynamic shift (required with ``use_dynamic_shifting``, ignored without it, as in diffusers), and
+        ``timesteps`` stands for ``sigmas = timesteps / num_train_timesteps`` (the timesteps the model then
+        sees are those of the shifted schedule, ``s * num_train_timesteps``).
         """
+        options = self._options()
+        flow = _config.is_flow(options)
+        if flow and not options["use_dynamic_shifting"]:
+            mu = None  # ignored, as diffusers' flow schedulers do (Flux pipelines always pass it)
+        if timesteps is not None:
+            if not flow:
+                raise ValueError("timesteps= is for flow-matching schedules; pass sigmas= (the timesteps follow them)")
+            if sigmas is not None:
+                raise ValueError("pass sigmas or timesteps, not both: DPM2's timesteps follow its sigmas")
+            train = _config.positive_int("num_train_timesteps", num_train_timesteps or options["num_train_timesteps"])
+            host = self._backend.to_numpy(timesteps) if self._backend.owns(timesteps) else timesteps
+            sigmas = np.asarray(host, dtype=np.float64) / train
         num_inference_steps = schedule_request(num_inference_steps, sigmas)
         if num_train_timesteps is not None:
             num_train_timesteps = _config.positive_int("num_train_timesteps", num_train_timesteps)
         if sigmas is not None and not isinstance(sigmas, (list, tuple, np.ndarray)):
             sigmas = self._backend.to_numpy(sigmas) if self._backend.owns(sigmas) else sigmas
-        options = self._options()
         host = build_schedule(
-            options, num_inference_steps, sigmas=sigmas, num_train_timesteps=num_train_timesteps, eta=self._eta
+            options,
+            num_inference_steps,
+            sigmas=sigmas,
+            num_train_timesteps=num_train_timesteps,
+            mu=mu,
+            eta=self._eta,
         )
         # what built this schedule, so that state_dict() can rebuild it exactly in another process
         self._schedule_config = self.config
@@ -379,13 +434,14 @@ class _KDPM2Scheduler:
             "num_inference_steps": num_inference_steps,
             "sigmas": None if sigmas is None else np.asarray(sigmas, dtype=np.float64).tolist(),
             "num_train_timesteps": num_train_timesteps,
+            "mu": mu,
         }
         backend = self._backend
         placed = backend.device(device)
         self.num_inference_steps = num_inference_steps if sigmas is None else (len(host.sigmas) - 2) // 2
         self._host = host
         self._rows = [tuple(row) for row in host.table.tolist()]
-        self._input_scale = (1.0 / np.sqrt(host.sigma_in**2 + 1.0)).tolist()
+        self._input_scale = input_scale(host.sigma_in, flow).tolist()
         # the same rows as one small float32 device array (float32: every device has it), read only while
         # torch.compile traces us: indexing it with the step index keeps one graph for every step
         self._device_rows = backend.asarray(
@@ -514,7 +570,8 @@ class _KDPM2Scheduler:
     # The checks of scale_model_input and step are inlined (the helpers above run only when one fails): on a
     # small latent the scheduler's Python is a visible part of a substep's time.
     def scale_model_input(self, sample, timestep):
-        """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``."""
+        """The model input at the current substep: ``sample / sqrt(sigma**2 + 1)``; for a flow-matching model the
+        sample as it is (a new array of equal values)."""
         if not self._owns(sample):
             self._check_array("sample", sample)
         compiling = self._compiling(sample, timestep)  # first: a backend that cannot trace the scheduler raises here
@@ -577,7 +634,8 @@ class _KDPM2Scheduler:
                 raise NonFiniteError(name, k, float(self._host.sigma_in[k]), count, kind)
 
     def add_noise(self, original_samples, noise, timesteps):
-        """``original_samples + noise * sigma(timesteps)`` (training, img2img and inpainting)."""
+        """``original_samples + noise * sigma(timesteps)`` (training, img2img and inpainting); for a flow-matching
+        model ``(1 - s) * original_samples + s * noise``."""
         self._check_array("original_samples", original_samples)
         self._check_array("noise", noise)
         if self._begin_index is None:  # training, or a pipeline that never called set_begin_index
@@ -596,7 +654,15 @@ class _KDPM2Scheduler:
         sigma = self._backend.asarray(
             sigmas.reshape(shape), dtype=original_samples.dtype, device=self._backend.device_of(original_samples)
         )
-        return original_samples + noise * xp.astype(sigma, original_samples.dtype)
+        sigma = xp.astype(sigma, original_samples.dtype)
+        if _config.is_flow(self._schedule_config):
+            return noise * sigma + original_samples * (1.0 - sigma)
+        return original_samples + noise * sigma
+
+    def scale_noise(self, sample, timestep, noise):
+        """:meth:`add_noise` with ``FlowMatchEulerDiscreteScheduler.scale_noise``'s argument order (flow-matching
+        img2img pipelines call this)."""
+        return self.add_noise(sample, noise, timestep)
 
     # -- checkpoint and resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -636,9 +702,10 @@ class _KDPM2Scheduler:
         config, schedule = state["config"], state["schedule"]
         if not isinstance(config, dict):
             raise TypeError(f"state['config'] must be a dict, got {type(config).__name__}")
-        if not isinstance(schedule, dict) or set(schedule) != {"num_inference_steps", "sigmas", "num_train_timesteps"}:
+        keys = {"num_inference_steps", "sigmas", "num_train_timesteps"}
+        if not isinstance(schedule, dict) or not keys <= set(schedule) <= keys | {"mu"}:
             raise ValueError(
-                "state['schedule'] must be a dict with keys num_inference_steps, sigmas, num_train_timesteps"
+                "state['schedule'] must be a dict with keys num_inference_steps, sigmas, num_train_timesteps (and mu)"
             )
         sigmas = schedule["sigmas"]
         if sigmas is not None and not (
@@ -656,7 +723,13 @@ class _KDPM2Scheduler:
         fresh = type(self)(**_config.validate_config(restored), backend=self._backend, check_finite=self.check_finite)
         fresh._internal_dict = restored  # with its other keys, and the options left at their defaults
         fresh._load_noise_state(state)
-        fresh.set_timesteps(schedule["num_inference_steps"], device, schedule["num_train_timesteps"], sigmas=sigmas)
+        fresh.set_timesteps(
+            schedule["num_inference_steps"],
+            device,
+            schedule["num_train_timesteps"],
+            sigmas=sigmas,
+            mu=schedule.get("mu"),
+        )
         if state["schedule_sha256"] != fresh._schedule_digest():
             raise ValueError(
                 f"the schedule rebuilt from this state differs from the saved one (saved by kdpm2 "

@@ -9,6 +9,13 @@ is the sampler's. For a single Gaussian the probability-flow ODE is solved in cl
     x(sigma) = mu + (x(sigma_max) - mu) * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2)
 
 which :meth:`GaussianMixture.exact_flow` evaluates, so the sampler's discretisation error can be printed.
+
+The same toys serve flow-matching (rectified-flow) samplers: noised as ``x_s = (1 - s) * x0 + s * n``, the
+data is a mixture with means ``(1 - s) mu_k`` and variances ``v_k = (1 - s)^2 s_k^2 + s^2``, the denoiser is
+the posterior mean of ``mu_k + (1 - s) s_k^2 / v_k * (x - (1 - s) mu_k)``, and the model predicts the velocity
+``(x - D(x, s)) / s``. For one Gaussian the flow ODE ``dx/ds = v`` is solved in closed form too:
+
+    x(s) = (1 - s) mu + (x(s_max) - (1 - s_max) mu) * r(s) / r(s_max),   r(s) = sqrt(s_k^2 (1 - s)^2 + s^2)
 Everything here is written against the Array API through a backend object, so it runs on every backend.
 """
 
@@ -43,27 +50,33 @@ class GaussianMixture:
         """Dimension ``d`` of a data point."""
         return self.means.shape[1]
 
-    def _host_terms(self, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per component at noise level ``sigma``: ``1 / v_k`` and ``log w_k - d/2 log v_k`` (float64)."""
-        variances = self.stds**2 + sigma**2
+    def _host_terms(self, sigma: float, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Per component of ``alpha * x0 + sigma * n``: ``1 / v_k`` and ``log w_k - d/2 log v_k`` (float64)."""
+        variances = alpha**2 * self.stds**2 + sigma**2
         return 1.0 / variances, np.log(self.weights) - 0.5 * self.dim * np.log(variances)
 
-    def denoise(self, x, sigma: float, backend):
-        """The exact denoiser ``E[x0 | x]`` at noise level ``sigma``, for ``x`` of shape ``(..., d)``.
+    def denoise(self, x, sigma: float, backend, alpha: float = 1.0):
+        """The exact denoiser ``E[x0 | x]`` of ``x = alpha * x0 + sigma * n``, for ``x`` of shape ``(..., d)``.
 
-        Written as Tweedie's formula, ``D = x - sigma^2 * sum_k r_k (x - mu_k) / v_k`` with the posterior
-        responsibilities ``r_k`` (a softmax over components), which needs no per-component copies of ``x``.
+        With ``alpha = 1`` it is written as Tweedie's formula, ``D = x - sigma^2 * sum_k r_k (x - mu_k) / v_k``
+        with the posterior responsibilities ``r_k`` (a softmax over components), which needs no per-component
+        copies of ``x``; otherwise (a flow sample, ``alpha = 1 - s``, which is 0 at ``s = 1``) as the mean of
+        the per-component posteriors ``mu_k + alpha s_k^2 / v_k (x - alpha mu_k)``, without dividing by alpha.
         """
         xp = backend.xp
         device = backend.device_of(x)
-        inverse_var, log_prior = self._host_terms(float(sigma))
-        means = backend.asarray(self.means, dtype=x.dtype, device=device)
+        inverse_var, log_prior = self._host_terms(float(sigma), alpha)
+        means = backend.asarray(self.means * alpha, dtype=x.dtype, device=device)
         inverse_var = backend.asarray(inverse_var, dtype=x.dtype, device=device)
         log_prior = backend.asarray(log_prior, dtype=x.dtype, device=device)
         offsets = x[..., None, :] - means  # (..., K, d)
         logits = log_prior - 0.5 * xp.sum(offsets * offsets, axis=-1) * inverse_var
         weights = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
         weights = weights / xp.sum(weights, axis=-1, keepdims=True)
+        if alpha != 1.0:
+            gain = weights * (inverse_var * backend.asarray(alpha * self.stds**2, dtype=x.dtype, device=device))
+            clean = backend.asarray(self.means, dtype=x.dtype, device=device)
+            return xp.sum(weights[..., None] * clean, axis=-2) + xp.sum(gain[..., None] * offsets, axis=-2)
         score = xp.sum((weights * inverse_var)[..., None] * offsets, axis=-2)
         return x - (float(sigma) ** 2) * score
 
@@ -72,9 +85,12 @@ class GaussianMixture:
 
         ``model_input`` is the scheduler's ``scale_model_input`` output, ``x / sqrt(sigma^2 + 1)``; the output
         is the noise (``epsilon``), the clean sample (``sample``) or ``v`` (``v_prediction``), whichever the
-        scheduler's ``prediction_type`` expects.
+        scheduler's ``prediction_type`` expects. For ``flow_prediction`` ``sigma`` is ``s``, the input is the
+        flow sample ``(1 - s) x0 + s n`` itself, and the output is the velocity ``(x - D) / s``.
         """
         sigma = float(sigma)  # a Python float: strict Array API libraries refuse NumPy scalars
+        if prediction_type == "flow_prediction":
+            return (model_input - self.denoise(model_input, sigma, backend, alpha=1.0 - sigma)) * (1.0 / sigma)
         root = math.sqrt(sigma * sigma + 1.0)
         x = model_input * root
         denoised = self.denoise(x, sigma, backend)
@@ -84,7 +100,9 @@ class GaussianMixture:
             return denoised
         if prediction_type == "v_prediction":
             return (x * (1.0 / root**2) - denoised) * (root / sigma)
-        raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be one of epsilon, v_prediction, sample, flow_prediction; got {prediction_type!r}"
+        )
 
     def log_density(self, points: np.ndarray, sigma: float = 0.0) -> np.ndarray:
         """Log-density of the data noised to ``sigma`` at host ``points`` of shape ``(..., d)`` (for plots)."""
@@ -102,16 +120,23 @@ class GaussianMixture:
         index = np.argmin(scaled, axis=1)
         return index, scaled[np.arange(len(index)), index]
 
-    def exact_flow(self, x_start: np.ndarray, sigma_start: float, sigma_end: float) -> np.ndarray:
-        """The exact probability-flow ODE solution from ``x_start`` at ``sigma_start`` to ``sigma_end``.
+    def exact_flow(self, x_start: np.ndarray, sigma_start: float, sigma_end: float, *, flow: bool = False):
+        """The exact probability-flow ODE solution from ``x_start`` at ``sigma_start`` to ``sigma_end``; with
+        ``flow`` of the rectified flow, from ``s = sigma_start`` to ``s = sigma_end`` (see the module docstring).
 
         Only a single Gaussian has this closed form; for a mixture this raises ValueError.
         """
         if len(self.stds) != 1:
             raise ValueError("exact_flow needs a single Gaussian; this mixture has several components")
-        s2 = float(self.stds[0]) ** 2
+        s2, mean = float(self.stds[0]) ** 2, self.means[0]
+        x_start = np.asarray(x_start, dtype=np.float64)
+        if flow:
+            ratio = math.sqrt(s2 * (1 - sigma_end) ** 2 + sigma_end**2) / math.sqrt(
+                s2 * (1 - sigma_start) ** 2 + sigma_start**2
+            )
+            return (1 - sigma_end) * mean + (x_start - (1 - sigma_start) * mean) * ratio
         ratio = math.sqrt(s2 + sigma_end**2) / math.sqrt(s2 + sigma_start**2)
-        return self.means[0] + (np.asarray(x_start, dtype=np.float64) - self.means[0]) * ratio
+        return mean + (x_start - mean) * ratio
 
 
 def _ring(modes: int = 8, radius: float = 3.0, std: float = 0.2) -> GaussianMixture:
@@ -211,7 +236,8 @@ def run(
         start = (
             np.asarray(backend.to_numpy(noise), dtype=np.float64) * scheduler.init_noise_sigma
         )  # as rounded to dtype
-        exact = toy.exact_flow(start, float(sigmas[0]), float(sigmas[-1]))
+        flow = scheduler.config.prediction_type == "flow_prediction"
+        exact = toy.exact_flow(start, float(sigmas[0]), float(sigmas[-1]), flow=flow)
         error = np.abs(samples - exact)
         out["max_error"] = float(error.max())
         out["mean_error"] = float(error.mean())

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kdpm2core
+from kdpm2core.config import DEFAULTS, FLOW_OPTIONS
 
 # the first-party backends that are installed here; each parity test runs once per entry
 BACKENDS = [name for name in ("numpy", "torch", "jax") if name in kdpm2core.available_backends()]
@@ -98,8 +99,13 @@ def scheduler_options(beta="linear", family=None, spacing="linspace", offset=0, 
 
 def comparable_config(config) -> dict:
     """A scheduler config as a plain dict with ``_use_default_values`` sorted: diffusers builds that list from a
-    set, so its order changes from run to run, and configs are compared as diffusers' own tests do, by value."""
-    out = dict(config)
+    set, so its order changes from run to run, and configs are compared as diffusers' own tests do, by value.
+    The flow-matching options left at their defaults are left out: diffusers' KDPM2 has none of them."""
+    defaulted = set(config.get("_use_default_values", ()))
+    flow_defaults = {key for key in FLOW_OPTIONS if key in defaulted or config.get(key, DEFAULTS[key]) == DEFAULTS[key]}
+    out = {key: value for key, value in config.items() if key not in flow_defaults}
     if "_use_default_values" in out:
-        out["_use_default_values"] = sorted(out["_use_default_values"])
+        out["_use_default_values"] = sorted(set(out["_use_default_values"]) - flow_defaults)
+        if not out["_use_default_values"]:  # only flow options were at their defaults
+            del out["_use_default_values"]
     return out

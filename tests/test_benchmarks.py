@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NO_ROWS = [
     *("--skip", "small", "--skip", "large", "--skip", "ancestral"),
-    *("--skip", "set_timesteps", "--skip", "cold", "--skip", "jax"),
+    *("--skip", "set_timesteps", "--skip", "flow", "--skip", "cold", "--skip", "jax"),
 ]
 
 
@@ -50,3 +50,11 @@ def test_ancestral_row_runs_both_classes_with_a_generator():
 
     (row,) = run.substep_rows((1, 4, 8, 8), "cpu", 1, floor=False, ancestral=True)
     assert row["benchmark"].startswith("substep DPM2 a") and row["ok"] is None and row["ratio"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_flow_row_is_shown_not_judged():
+    from benchmarks import run
+
+    flow = run.flow_row(1)
+    assert flow["ok"] is None and flow["target"] is None and flow["ours"] > 0 and flow["reference"] > 0

@@ -305,6 +305,38 @@ def test_schedule_json_with_custom_sigmas():
     assert len(data["timesteps"]) == 5
 
 
+def test_schedule_of_a_flow_model_shows_s_and_the_shifted_timesteps():
+    result = invoke("schedule", "--steps", "3", "--prediction-type", "flow_prediction", "--shift", "3")
+    assert result.exit_code == 0, result.output
+    assert "flow matching, shift 3" in result.stdout
+    header = next(line.split() for line in result.stdout.splitlines() if line.startswith("substep"))
+    assert header == ["substep", "step", "kind", "timestep", "s"]
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"^\d+\s+\d+\s+(euler|midpoint)\s", line)]
+    s = np.array([float(row[4]) for row in rows])
+
+    def shifted(value, shift):
+        return shift * value / (1 + (shift - 1) * value)
+
+    middle = (1 + shifted(1e-3, 3)) / 2  # FlowMatchEuler's spacing: from 1 to its shifted 1/1000, then shifted
+    np.testing.assert_allclose(s[[0, 2]], [1.0, shifted(middle, 3)], rtol=1e-5)  # printed to 6 digits
+    np.testing.assert_allclose([float(row[3]) for row in rows], 1000 * s, rtol=1e-5)
+    data = invoke_json("schedule", "--steps", "3", "--prediction-type", "flow_prediction", "--mu", "0.7")
+    assert data["init_noise_sigma"] == 1.0 and data["config"]["use_dynamic_shifting"] is True
+    # dynamic shifting spaces 1 to 1/1000 unshifted and shifts by e^mu; float32 values, within 1e-6
+    assert math.isclose(data["sigmas"][2], shifted((1 + 1e-3) / 2, math.exp(0.7)), rel_tol=1e-6)
+    result = invoke("schedule", "--steps", "3", "--mu", "0.7")  # an epsilon model: the option is refused, named
+    assert result.exit_code == 2 and "use_dynamic_shifting" in result.output
+
+
+def test_sample_runs_the_flow_gaussian_near_its_exact_solution():
+    data = invoke_json(
+        "sample", "--toy", "gaussian", "--prediction-type", "flow_prediction", "--steps", "32", "--dtype", "float64"
+    )
+    result = data["results"]["gaussian"]
+    # 32 steps of a second-order method: the error is about 0.0064 (the conformance suite measures the order)
+    assert result["finite"] and result["max_error"] < 0.01
+
+
 # -- conformance -----------------------------------------------------------------------------------------------
 def test_conformance_passes_the_backend_and_pytest_arguments(monkeypatch):
     import kdpm2core.testing

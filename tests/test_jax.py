@@ -47,6 +47,22 @@ def test_whole_loop_traces_once_under_jit():
     assert not np.allclose(np.asarray(first), np.asarray(second))
 
 
+def test_flow_plan_under_jit_and_vmap_equals_the_eager_scheduler():
+    def model(x, timestep):  # a velocity; the flow model's input is the sample itself
+        return jnp.tanh(0.7 * x) - 0.3 * x * (timestep / 1000.0)
+
+    options = {"prediction_type": "flow_prediction", "use_dynamic_shifting": True}
+    plan = F.make_plan(num_inference_steps=6, backend="jax", mu=0.9, **options)
+    x0 = jnp.asarray(initial_noise((3, 4, 8, 8)))
+    batched = jax.jit(jax.vmap(lambda x: F.sample(plan, model, x)))(x0)
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="jax", **options)
+    scheduler.set_timesteps(6, mu=0.9)
+    x = x0
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+    assert relative_error(np.asarray(batched), np.asarray(x)) < 1e-6  # XLA may fuse a multiply-add
+
+
 def test_plans_made_alike_share_one_compiled_loop():
     """PlanInfo is static under jit, so it compares by value: a server that makes a plan per request compiles
     once per distinct schedule, not once per plan."""

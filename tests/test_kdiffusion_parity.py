@@ -119,3 +119,51 @@ def test_eta_zero_is_the_deterministic_sampler_bit_for_bit(dtype):
     assert torch.equal(ours, F.sample(deterministic, gaussian_denoiser, x.clone(), denoiser=True))
     ancestral = F.make_plan(sigmas=sigmas, backend="torch", dtype=name, prediction_type="sample", eta=1.0)
     assert not torch.equal(F.sample(ancestral, gaussian_denoiser, x.clone(), denoiser=True, seed=0), ours)
+
+
+def gaussian_velocity(x, s):
+    """The exact velocity ``E[noise - x0 | x_s]`` of N(MEAN, STD^2) for the flow ``x_s = (1 - s) x0 + s noise``.
+
+    Given x_s, x0 is Gaussian with mean ``MEAN + (1 - s) STD^2 / V (x - (1 - s) MEAN)``, ``V = (1 - s)^2 STD^2
+    + s^2``; then ``v = (x - E[x0 | x]) / s``."""
+    s = s.reshape(-1, 1)
+    mean = MEAN.to(x.dtype)
+    variance = (1 - s) ** 2 * STD**2 + s**2
+    denoised = mean + (1 - s) * STD**2 / variance * (x - (1 - s) * mean)
+    return (x - denoised) / s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("steps", [2, 10, 25])
+def test_flow_plan_equals_k_diffusion_sample_dpm_2_on_the_flow_denoiser(dtype, steps):
+    """ComfyUI's way to sample a flow model with k-diffusion: ``D(x, s) = x - s v(x, s)`` on the schedule of s."""
+    k = load_sampling()
+    plan = F.make_plan(
+        num_inference_steps=steps,
+        backend="torch",
+        dtype=str(dtype).removeprefix("torch."),
+        prediction_type="flow_prediction",
+        shift=3.0,
+    )
+    host = plan.info.base
+    sigmas = torch.tensor(list(host.sigma_in[host.table[:, 5] == 1]) + [0.0], dtype=dtype)  # float32 values
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(steps), dtype=dtype)
+    theirs = k.sample_dpm_2(
+        lambda x, s: x - s.reshape(-1, 1) * gaussian_velocity(x, s), x.clone(), sigmas, disable=True
+    )
+    state, ours = F.init(plan, x), x.clone()
+    for _ in range(F.num_substeps(plan)):  # the flow rows, fed the velocity at the sigma of each substep
+        model_input, s = F.model_inputs(plan, state, ours, denoiser=True)
+        (ours, _), state = F.step(plan, state, gaussian_velocity(model_input, s), ours)
+    # As above, each side rounds at most 12 times per substep on values of the trajectory's scale (k-diffusion
+    # also through D = x - s v and back). The flow map of this Gaussian expands by at most
+    # sqrt(STD^2 (1 - s)^2 + s^2) / min over s of it = 0.5 / 0.447 < 1.2 (below s = 0.2), so a factor 2 covers it.
+    u = torch.finfo(dtype).eps / 2
+    substeps = 2 * steps - 1
+    scale = float(torch.maximum(x.abs().max(), theirs.abs().max()))
+    bound = 2 * 2 * 12 * u * substeps * scale
+    error = float((ours - theirs).abs().max())
+    print(f"flow {dtype} {steps} steps: max difference {error / scale:.3g} of the scale")
+    assert ours.dtype == dtype and error <= bound, f"max difference {error:.3g} > bound {bound:.3g} (scale {scale:.3g})"
+    if dtype == torch.float64:
+        assert error <= 1e-12 * scale

@@ -69,7 +69,7 @@ def _assert_same_substeps(compiled, eager):
 
 
 @pytest.mark.parametrize("closure", [False, True])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow_prediction"])
 def test_stateful_loop_compiles_into_at_most_four_graphs(prediction_type, closure):
     counter = GraphCounter()
     compiled = _loop(counter, closure=closure, prediction_type=prediction_type)
@@ -77,8 +77,16 @@ def test_stateful_loop_compiles_into_at_most_four_graphs(prediction_type, closur
     _assert_same_substeps(compiled, _loop(None, prediction_type=prediction_type))
 
 
-def test_functional_step_compiles_into_one_graph():
-    plan = F.make_plan(num_inference_steps=10, backend="torch", prediction_type="v_prediction", use_karras_sigmas=True)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        {"prediction_type": "flow_prediction", "use_dynamic_shifting": True, "mu": 0.8},
+    ],
+    ids=["v-karras", "flow-dynamic-shift"],
+)
+def test_functional_step_compiles_into_one_graph(options):
+    plan = F.make_plan(num_inference_steps=10, backend="torch", **options)
     counter = GraphCounter()
     torch._dynamo.reset()
 
