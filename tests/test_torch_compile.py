@@ -184,3 +184,31 @@ def test_functional_ancestral_step_compiles_into_one_graph():
         (y, _), reference = substep(reference, y, noise)
         assert torch.equal(x, y)
     assert counter.graphs == 1
+
+
+def test_stateful_ancestral_loop_compiles_into_at_most_four_graphs():
+    """DPM2 a's stateful loop without a generator (the portable noise of noise_seed and the substep, whose index
+    the traced step reads from Python state): at most 4 graphs for 25 steps, and the eager numbers bit for bit."""
+
+    def loop(compiler):
+        scheduler = kdpm2core.KDPM2AncestralDiscreteScheduler(backend="torch", noise_seed=5)
+        scheduler.set_timesteps(25)
+        scheduler.set_begin_index(0)
+
+        def substep(scheduler, x, t):
+            return scheduler.step(_model(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+
+        if compiler is not None:
+            torch._dynamo.reset()
+            substep = torch.compile(substep, backend=compiler, fullgraph=True)
+        x = torch.from_numpy(initial_noise((1, 4, 8, 8)) * scheduler.init_noise_sigma).float()
+        history = []
+        for t in scheduler.timesteps:
+            x = substep(scheduler, x, t)
+            history.append(x)
+        return history
+
+    counter = GraphCounter()
+    compiled, eager = loop(counter), loop(None)
+    assert 1 <= counter.graphs <= 4, f"{counter.graphs} graphs for one 25-step loop"
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
