@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 import kdpm2core  # noqa: E402
 from kdpm2core import functional as F  # noqa: E402
+from kdpm2core import noise  # noqa: E402
 
 from conftest import initial_noise, relative_error  # noqa: E402
 
@@ -66,8 +67,16 @@ def test_functional_loop_never_synchronizes_and_matches_the_scheduler():
     assert torch.isfinite(churned).all() and not torch.equal(churned, ours)
 
 
-def test_functional_step_replays_as_a_cuda_graph():
-    plan = F.make_plan(num_inference_steps=8, backend="torch", device=DEVICE, use_karras_sigmas=True)
+PLANS = {
+    "dpm2": {"use_karras_sigmas": True},
+    "dpm2-a": {"use_karras_sigmas": True, "eta": 1.0},  # the step noise drawn inside the graph
+    "flow": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+}
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+def test_functional_step_replays_as_a_cuda_graph(kind):
+    plan = F.make_plan(num_inference_steps=8, backend="torch", device=DEVICE, **PLANS[kind])
     x0 = _noise((1, 4, 64, 64), F.init_noise_sigma(plan))
     # static buffers: the graph reads the state, input and model output from them and writes its outputs
     state = F.init(plan, x0)
@@ -75,21 +84,22 @@ def test_functional_step_replays_as_a_cuda_graph():
     sample, output = x0.clone(), torch.zeros_like(x0)
     prev, pred = torch.empty_like(x0), torch.empty_like(x0)
 
+    def step_noise(at):
+        # the portable noise of seed 7 at the substep held on the device: no host value is read
+        if not plan.info.ancestral:
+            return None
+        return noise.normal(plan.info.backend.xp, 7, tuple(x0.shape), substep=at, dtype=x0.dtype, device=x0.device)
+
     def captured():
-        _, new = F.step(plan, F.State(index, stored), output, sample, out=(prev, pred))
+        _, new = F.step(plan, F.State(index, stored), output, sample, out=(prev, pred), noise=step_noise(index))
         stored.copy_(sample)
         index.copy_(new.index)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
-        F.step(
-            plan,
-            F.State(index.clone(), stored.clone()),
-            output,
-            sample,
-            out=(torch.empty_like(x0), torch.empty_like(x0)),
-        )
+        warm = F.State(index.clone(), stored.clone())
+        F.step(plan, warm, output, sample, out=(torch.empty_like(x0), torch.empty_like(x0)), noise=step_noise(index))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -100,8 +110,8 @@ def test_functional_step_replays_as_a_cuda_graph():
         scaled, timestep = F.model_inputs(plan, F.State(index, stored), sample)
         output.copy_(_model(scaled, timestep))
         graph.replay()
-        (x, _), reference = F.step(plan, reference, output, x)
-        assert torch.equal(prev, x), f"substep {int(index) - 1}: the replayed graph differs from eager"
+        (x, _), reference = F.step(plan, reference, output, x, noise=step_noise(reference.index))
+        assert torch.equal(prev, x), f"{kind}, substep {int(index) - 1}: the replayed graph differs from eager"
         sample.copy_(prev)
     assert int(index) == F.num_substeps(plan)
     assert np.all(np.isfinite(x.cpu().numpy()))
