@@ -235,6 +235,15 @@ def test_exact_final_distribution_tends_to_the_data(eta):
     assert errors[eta][-1] <= 2e-4
 
 
+def test_from_config_takes_noise_seed():
+    """``noise_seed`` is a constructor argument, not a config key: ``from_config`` (and ``from_pretrained``) pass
+    it on, so that a pipeline's scheduler swap can fix the step noise."""
+    scheduler, unused = KDPM2AncestralDiscreteScheduler.from_config(SD3_MEDIUM, return_unused_kwargs=True, noise_seed=9)
+    assert scheduler.noise_seed == 9 and "noise_seed" not in unused and "noise_seed" not in scheduler.config
+    with pytest.raises(ValueError, match="noise_seed"):
+        KDPM2AncestralDiscreteScheduler.from_config(SD3_MEDIUM, noise_seed=-1)
+
+
 # ---- a flow pipeline -----------------------------------------------------------------------------------------------
 def test_tiny_sd3_pipeline_runs_the_ancestral_scheduler():
     """``from_config(pipe.scheduler.config)`` in a tiny StableDiffusion3Pipeline: flow pipelines do not pass their
