@@ -136,6 +136,9 @@ def test_ancestral_rows_scale_the_midpoint_row_by_alpha_ratio():
     assert host.table[-1, 5] == 1 and host.table[-1, 6] == 0  # the last step: one Euler substep, no noise
     # timesteps are s * 1000 at every substep, the midpoints sqrt(s * s_down) included
     np.testing.assert_array_equal(np.asarray(scheduler.timesteps), (host.sigma_in * 1000).astype(np.float32))
+    plan = F.make_plan(scheduler, dtype="float64")  # rebuilt on the host with the class's eta = 1: the same rows
+    np.testing.assert_array_equal(plan.table, host.table)
+    np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps)
 
 
 def test_eta_that_overshoots_is_refused_naming_eta():
