@@ -287,10 +287,8 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple, eta: float) -> 
     info = PlanInfo(info.backend, info.dtype, info.device, base, info.options, prediction_type, churn, eta)
     gammas = _gammas(base, churn)
     flow = _config.is_flow(info.options)
-    if flow and (np.any(gammas > 0) or eta > 0):
-        raise ValueError(
-            "s_churn > 0 and eta > 0 are not supported on a flow-matching schedule (its noise is not additive)"
-        )
+    if flow and np.any(gammas > 0):
+        raise ValueError("s_churn > 0 is not supported on a flow-matching schedule (its noise is not additive)")
     deterministic = eta == 0 and not np.any(base.table[:, 6])
     if deterministic and not np.any(gammas > 0) and prediction_type == info.options["prediction_type"]:
         timesteps, sigma_in, table = base.timesteps, base.sigma_in, base.table  # bit-identical to the scheduler
@@ -301,11 +299,13 @@ def _with(info: PlanInfo, *, prediction_type: str, churn: tuple, eta: float) -> 
         sigma_next = np.append(step_sigmas[1:], base.sigmas[-1])
         sigma_hat = step_sigmas * (1.0 + gammas)
         sigma_in, midpoint, table, step_of_row = substep_table(
-            sigma_hat, sigma_next, prediction_type, eta=eta, s_noise=churn[3]
+            sigma_hat, sigma_next, prediction_type, eta=eta, s_noise=churn[3], flow=flow
         )
         raised = gammas[step_of_row] > 0
         log_sigmas = training_table_for(info.options).log_sigmas
-        if deterministic:  # unchurned steps keep the scheduler's timesteps; raised sigmas get their own sigma's
+        if flow:  # timesteps are s * num_train_timesteps (build_schedule): the ratio recovers that integer
+            timesteps = sigma_in * round(base.timesteps[0] / base.sigma_in[0])
+        elif deterministic:  # unchurned steps keep the scheduler's timesteps; raised sigmas get their own sigma's
             timesteps = np.where(raised, sigma_to_t(sigma_in, log_sigmas), base.timesteps)
         else:  # DPM2 a's midpoints lie between sigma and sigma_down: they get their own sigma's timestep too
             step_t = base.timesteps[euler][step_of_row]

@@ -26,7 +26,10 @@ The ancestral sampler (DPM2 a) is the same table for other sigmas. Each step fro
 s_next**2``), steps deterministically to ``s_down`` through ``sqrt(s * s_down)``, and the midpoint substep adds
 one more term, ``n * noise`` with ``n = s_noise * s_up`` and fresh standard normal noise. ``n`` is 0 on every
 other row: with ``eta = 0`` the table is the deterministic one, and a step whose ``s_down`` is 0 is one Euler
-substep without noise.
+substep without noise. On a flow-matching schedule the noise is not additive: the step to ``s_down`` (lower than
+k-diffusion's) is followed by the rescale ``alpha_ratio = (1 - s_next) / (1 - s_down)`` of the signal and the
+noise ``s_up`` that brings the variance back to ``s_next**2`` (:func:`flow_ancestral_step`), so the midpoint
+row's ``a, b, c`` are multiplied by ``alpha_ratio``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "schedule_request",
     "substep_table",
     "ancestral_step",
+    "flow_ancestral_step",
     "training_table",
     "training_table_for",
     "sigma_to_t",
@@ -204,20 +208,59 @@ def ancestral_step(sigma: np.ndarray, sigma_next: np.ndarray, eta: float) -> tup
     return np.where(up < sigma_next, down, 0.0), up
 
 
+def flow_ancestral_step(s: np.ndarray, s_next: np.ndarray, eta: float) -> tuple[np.ndarray, ...]:
+    """``(s_down, s_up, alpha_ratio)`` of flow-matching steps from ``s`` to ``s_next`` (ComfyUI's RF ancestral
+    step): ``s_down = s_next (1 + (s_next / s - 1) eta)``, ``alpha_ratio = (1 - s_next) / (1 - s_down)``, ``s_up
+    = sqrt(s_next**2 - s_down**2 alpha_ratio**2)``, so that ``alpha_ratio x_down + s_up noise`` has the signal
+    ``(1 - s_next) x0`` and the noise variance ``s_next**2`` of the flow at ``s_next``; ``eta = 0`` gives
+    ``(s_next, 0, 1)`` exactly.
+
+    ``s_up**2`` is computed as its algebraic equal ``eta s_next (1 - s_next / s) (s_next + s_down alpha_ratio) /
+    (1 - s_down)`` (``s_next - s_down alpha_ratio = (s_next - s_down) / (1 - s_down)``), free of the difference of
+    squares. ``1 - s_down >= 1 - s_next > 0`` on every step of a decreasing schedule in [0, 1]; a step that does
+    not move (``s_next == s``) keeps ``alpha_ratio = 1``. ValueError where ``eta`` would take ``s_down`` below 0
+    (``eta > s / (s - s_next)``: the step would overshoot past the data)."""
+    if eta == 0:
+        return s_next, np.zeros_like(s_next), np.ones_like(s_next)
+    ratio = s_next / s  # s > 0: every step starts above 0
+    down = s_next * ((1.0 - eta) + eta * ratio)
+    if np.any(down < 0):
+        worst = int(np.argmin(down))
+        raise ValueError(
+            f"eta={eta} takes s_down below 0 on the step from s={s[worst]:.6g} to {s_next[worst]:.6g} of a "
+            f"flow-matching schedule (eta must be <= s / (s - s_next) = {s[worst] / (s[worst] - s_next[worst]):.6g})"
+        )
+    moves = down < s_next
+    alpha_ratio = np.where(moves, (1.0 - s_next) / np.where(moves, 1.0 - down, 1.0), 1.0)
+    up_squared = eta * s_next * (1.0 - ratio) * (s_next + down * alpha_ratio) / np.where(moves, 1.0 - down, 1.0)
+    return down, np.sqrt(np.maximum(up_squared, 0.0)), alpha_ratio
+
+
 def substep_table(
-    sigma_hat: np.ndarray, sigma_next: np.ndarray, prediction_type: str, *, eta: float = 0.0, s_noise: float = 1.0
+    sigma_hat: np.ndarray,
+    sigma_next: np.ndarray,
+    prediction_type: str,
+    *,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    flow: bool | None = None,
 ):
     """Rows of the coefficient table for steps from ``sigma_hat[i]`` to ``sigma_next[i]`` (float64).
 
     ``eta > 0`` makes the ancestral rows (see the module docstring): ``eta`` scales the noise each step adds
-    (1: as much as the forward process removed), ``s_noise`` the noise itself.
+    (1: as much as the forward process removed), ``s_noise`` the noise itself. On a flow-matching schedule
+    (``flow``; ``None``: whether ``prediction_type`` is ``flow_prediction``) they are :func:`flow_ancestral_step`'s:
+    the midpoint substep's ``a, b, c`` are scaled by ``alpha_ratio``.
 
     Returns ``(sigma_in, mid_or_none, table, step_of_row)``: the sigma the model sees at each substep, whether
     the row is a midpoint substep, the ``(substeps, 7)`` table, and the step each row belongs to.
     """
     sigma_hat = np.asarray(sigma_hat, dtype=np.float64)
     sigma_next = np.asarray(sigma_next, dtype=np.float64)
-    down, up = ancestral_step(sigma_hat, sigma_next, eta)
+    if prediction_type == "flow_prediction" if flow is None else flow:
+        down, up, alpha_ratio = flow_ancestral_step(sigma_hat, sigma_next, eta)
+    else:
+        (down, up), alpha_ratio = ancestral_step(sigma_hat, sigma_next, eta), np.ones_like(sigma_hat)
     two = down > 0  # a step to 0 is a single Euler substep
     step = np.repeat(np.arange(sigma_hat.size), np.where(two, 2, 1))
     midpoint = np.zeros(step.size, dtype=bool)
@@ -241,6 +284,8 @@ def substep_table(
         raise ValueError(
             f"prediction_type must be one of epsilon, v_prediction, sample, flow_prediction; got {prediction_type!r}"
         )
+    rescale = np.where(midpoint, alpha_ratio[step], 1.0)  # flow: the step's signal back to 1 - s_next
+    a, b, c = a * rescale, b * rescale, c * rescale
     first = (~midpoint).astype(np.float64)
     n = np.where(midpoint, s_noise * up[step], 0.0)  # noise only after a midpoint substep (k-diffusion's rule)
     table = np.stack([a, b, c, p, q, first, n], axis=1)
@@ -362,11 +407,6 @@ def build_schedule(
     ``mu`` is the dynamic shift of a flow-matching schedule (see :func:`flow_shift`)."""
     train = training_table_for(config)
     flow = is_flow(config)
-    if flow and eta:
-        raise ValueError(
-            "the ancestral sampler (DPM2 a) does not support flow-matching schedules (prediction_type "
-            "'flow_prediction'): its noise is not additive there; use KDPM2DiscreteScheduler"
-        )
     if flow:  # timesteps are s * num_train_timesteps, so they are set below, after the midpoints
         step_sigmas = flow_sigmas(
             config, num_inference_steps, sigmas=sigmas, mu=mu, num_train_timesteps=num_train_timesteps
@@ -396,7 +436,9 @@ def build_schedule(
         raise ValueError("the options give sigmas that are not finite and positive")
 
     sigma_next = np.append(step_sigmas[1:], final)
-    sigma_in, midpoint, table, step = substep_table(step_sigmas, sigma_next, config["prediction_type"], eta=eta)
+    sigma_in, midpoint, table, step = substep_table(
+        step_sigmas, sigma_next, config["prediction_type"], eta=eta, flow=flow
+    )
     expanded = np.concatenate([step_sigmas[:1], np.repeat(sigma_next, 2), [final]])
     if flow:  # x_1 is the noise itself
         timesteps = sigma_in * (num_train_timesteps or config["num_train_timesteps"])

@@ -46,8 +46,8 @@ __all__ = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2Di
 
 VERSION = "0.1.0"
 STATE_FORMAT = "kdpm2.{}.state/1"  # the class name, so that a state resumes only in a scheduler of its own kind
-# the table's columns a traced step reads (b, c, p, q, n), then the model input scale: the device rows
-_TRACED = tuple(COLUMNS.index(name) for name in "bcpqn")
+# the table's columns a traced step reads (b, c, p, q, n, a), then the model input scale: the device rows
+_TRACED = tuple(COLUMNS.index(name) for name in "bcpqna")
 _SCALE = len(_TRACED)
 # the diffusers schedulers that share KDPM2's config (diffusers' KarrasDiffusionSchedulers, its KDPM2's
 # ``_compatibles``): ``from_config`` builds each from the other's config
@@ -447,6 +447,7 @@ class _KDPM2Scheduler:
         self._device_rows = backend.asarray(
             np.column_stack([host.table[:, _TRACED], self._input_scale]).astype(np.float32), device=placed
         )
+        self._rescaled = bool(np.any((host.table[:, 0] != 0) & (host.table[:, 0] != 1)))
         self._host_timesteps = host.timesteps.astype(np.float32)
         self._first_timestep = float(self._host_timesteps[0])
         self._first_start = self._loop_start(self._first_timestep)
@@ -600,9 +601,11 @@ class _KDPM2Scheduler:
             # Traced by torch.compile: Python floats picked by the step index would be frozen into the graph
             # (one graph per step), so read the coefficients as 0-d arrays from the device rows, and the
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
+            # ``a`` is 1 on midpoint rows but for DPM2 a on a flow schedule (its ``alpha_ratio``, see schedule.py)
             first = self._stored is None
             row = self._device_rows[k]
-            a, (b, c, p, q) = (0.0 if first else 1.0), (row[0], row[1], row[2], row[3])
+            a = 0.0 if first else (row[5] if self._rescaled else 1.0)
+            b, c, p, q = row[0], row[1], row[2], row[3]
             n = 0.0 if first or not self._eta else row[4]  # only midpoint substeps add noise
         else:
             a, b, c, p, q, first, n = self._rows[k]
@@ -825,6 +828,14 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
             inspect.Parameter("noise_seed", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
         ]
     )
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, *, noise_seed: int | None = None, **kwargs):
+        """:meth:`KDPM2DiscreteScheduler.from_config`, and ``noise_seed`` (not a config key): pipelines do not pass
+        their generator to ``step`` (SD3 and Flux among them), so this seed is what makes their runs repeatable."""
+        built = super().from_config(config, return_unused_kwargs, **kwargs)
+        (built[0] if return_unused_kwargs else built).noise_seed = noise_seed
+        return built
 
     @property
     def noise_seed(self) -> int:

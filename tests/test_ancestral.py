@@ -348,15 +348,3 @@ def test_gaussian_variance_converges_at_order_two():
         errors.append(abs(var - (GAUSSIAN.s0**2 + sigmas[-1] ** 2)))
     orders = [math.log2(e1 / e2) for e1, e2 in zip(errors, errors[1:])]
     assert all(1.85 <= p <= 2.2 for p in orders), (orders, errors)
-
-
-def test_flow_schedules_refuse_the_ancestral_sampler():
-    """Flow-matching schedules mix data and noise as ``(1 - s) x0 + s noise``: DPM2 a's additive noise does not
-    apply, so both APIs refuse it with a message naming the prediction type (the deterministic sampler takes it)."""
-    from kdpm2core import functional as F
-
-    with pytest.raises(ValueError, match="flow_prediction"):
-        KDPM2AncestralDiscreteScheduler(prediction_type="flow_prediction")
-    with pytest.raises(ValueError, match="flow-matching"):
-        F.make_plan(num_inference_steps=4, prediction_type="flow_prediction", eta=1.0)
-    F.make_plan(num_inference_steps=4, prediction_type="flow_prediction")

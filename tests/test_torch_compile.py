@@ -186,12 +186,14 @@ def test_functional_ancestral_step_compiles_into_one_graph():
     assert counter.graphs == 1
 
 
-def test_stateful_ancestral_loop_compiles_into_at_most_four_graphs():
+@pytest.mark.parametrize("options", [{}, {"prediction_type": "flow_prediction", "shift": 3.0}], ids=["beta", "flow"])
+def test_stateful_ancestral_loop_compiles_into_at_most_four_graphs(options):
     """DPM2 a's stateful loop without a generator (the portable noise of noise_seed and the substep, whose index
-    the traced step reads from Python state): at most 4 graphs for 25 steps, and the eager numbers bit for bit."""
+    the traced step reads from Python state): at most 4 graphs for 25 steps, and the eager numbers bit for bit.
+    On a flow schedule the midpoint rows' ``a`` is ``alpha_ratio``, read from the device rows too."""
 
     def loop(compiler):
-        scheduler = kdpm2core.KDPM2AncestralDiscreteScheduler(backend="torch", noise_seed=5)
+        scheduler = kdpm2core.KDPM2AncestralDiscreteScheduler(backend="torch", noise_seed=5, **options)
         scheduler.set_timesteps(25)
         scheduler.set_begin_index(0)
 
