@@ -90,8 +90,8 @@ def test_numpy_chunks_give_the_whole_array_rule(n, dtype):
 @pytest.mark.parametrize("shape", [(), (1,), (3, 2)])
 def test_generic_rule_on_numpy_arrays_of_any_rank(shape):
     """The generic rule accumulates in place into its own first result; NumPy's arithmetic on 0-d arrays
-    returns immutable scalars, so a 0-d substep must still combine (it used to fail with "does not support
-    item assignment"). Compared with NumPy evaluating the same terms in the same order."""
+    returns immutable scalars, which cannot be accumulated into: a 0-d substep must still combine. Compared
+    with NumPy evaluating the same terms in the same order."""
     generic = ArrayAPIBackend("generic-numpy", array_api_compat.numpy)
     stored, sample, model_output = (np.asarray(initial_noise(shape, seed), dtype=np.float32) for seed in (7, 8, 9))
     a, b, c, p, q = ROWS[4]  # three terms, no shortcut: two in-place accumulations
