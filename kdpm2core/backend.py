@@ -1,18 +1,33 @@
 """What a backend is: one small Protocol, and a base class whose defaults use only the Array API.
 
 An adapter subclasses :class:`ArrayAPIBackend`, passes its array-api-compat namespace and overrides only what
-its framework does better (device parsing, random numbers, a fused multiply-add, a compiled loop). The substep's
-linear combination (:meth:`ArrayAPIBackend.lincomb`) is defined here once; adapters supply its primitives.
+its framework does better (device parsing, random numbers, a fused multiply-add, a compiled loop). The rule of a
+substep's linear combinations is defined here once (:func:`recipe`, applied by :meth:`ArrayAPIBackend.combine`);
+adapters supply its primitives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "ArrayAPIBackend", "PROTOCOL_MEMBERS", "missing_members", "check_array", "exactly", "live_terms"]
+from kdpm2core.schedule import COLUMNS
+
+__all__ = [
+    "Backend",
+    "ArrayAPIBackend",
+    "PROTOCOL_MEMBERS",
+    "missing_members",
+    "check_array",
+    "exactly",
+    "Recipe",
+    "recipe",
+    "substep_recipes",
+    "table_recipes",
+    "update",
+]
 
 Array = Any
 
@@ -57,16 +72,19 @@ class Backend(Protocol):
     def normal(self, rng: Any, shape: tuple[int, ...], *, dtype: Any, device: Any = None) -> tuple[Array, Any]:
         """Standard normal samples and the advanced generator state."""
 
-    def update(
-        self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None
-    ) -> tuple[Array, Array]:
-        """One KDPM2 substep: ``(a*stored + b*sample + c*model_output + n*noise, p*sample + q*model_output)``.
+    def factors(self, values: np.ndarray, device: Any = None) -> Sequence[Any] | None:
+        """``values`` (host float64, one per substep) as 0-d float32 arrays placed so that they multiply a float32
+        array on ``device`` to the bits of ``x * float(value)``, or None. The stateful scheduler multiplies by them
+        where a Python number would cost a conversion on every call (torch makes a new 0-d tensor of it)."""
+
+    def combine(self, recipe: Recipe, coefs: Sequence[Any], arrays: Sequence[Array | None], out=None) -> Array:
+        """One linear combination of a substep, ``sum(coefs[column] * arrays[slot])`` as :func:`recipe` orders it.
 
         Coefficients are Python floats (the stateful scheduler) or 0-d arrays (the functional API); the two
-        must give the same bits. ``stored`` is None when ``a`` is 0. ``out`` is an optional pair of caller
-        buffers for the two results (ignored where arrays are immutable). ``noise`` (the ancestral sampler's) is
-        None when ``n`` is 0. :meth:`ArrayAPIBackend.lincomb` defines the term order and rounding every
-        first-party backend follows.
+        must give the same bits. ``out`` is an optional caller buffer for the result (ignored where arrays are
+        immutable). :meth:`ArrayAPIBackend.combine` is the rule every first-party backend follows; a backend
+        overrides its primitives (:meth:`~ArrayAPIBackend.multiply`, :meth:`~ArrayAPIBackend.multiply_add`), or
+        wraps it (NumPy applies it chunk by chunk), never the order or the shortcuts.
         """
 
     def loop(self, n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -100,16 +118,72 @@ def check_array(backend: Backend, name: str, x: Any) -> None:
 def exactly(coef: Any, value: int) -> bool:
     """Whether ``coef`` is a Python number equal to ``value``. A 0-d array never is: its value stays on the
     device (reading it would sync, or fail under a trace)."""
-    return isinstance(coef, _NUMBERS) and coef == value
+    return isinstance(coef, (int, float)) and coef == value
 
 
-def live_terms(terms: Sequence[tuple[Any, Array | None]]) -> list[tuple[Any, Array]]:
-    """``terms`` without those whose coefficient is exactly 0 (see :meth:`ArrayAPIBackend.lincomb`)."""
-    # exactly(coef, 0), inlined: this runs twice per substep
-    return [term for term in terms if not (isinstance(term[0], _NUMBERS) and term[0] == 0)]
+# -- the substep's two linear combinations -----------------------------------------------------------------
+#: the arrays of a substep, in the order of the slots a recipe refers to
+SLOTS = ("stored", "sample", "model_output", "noise")
+#: the terms of each combination, in summation order: (the coefficient's column in the table, the array's slot)
+PREV_TERMS = tuple((COLUMNS.index(name), SLOTS.index(array)) for name, array in zip("abcn", SLOTS))
+PRED_TERMS = ((COLUMNS.index("p"), SLOTS.index("sample")), (COLUMNS.index("q"), SLOTS.index("model_output")))
 
 
-_NUMBERS = (int, float)
+class Recipe(NamedTuple):
+    """A combination ``sum(coefs[column] * arrays[slot])`` with the rule's decisions taken (see :func:`recipe`)."""
+
+    lead: int | None  #: slot of a leading term whose coefficient is exactly 1: it is added as it is
+    terms: tuple[tuple[int, int], ...]  #: the other live terms, ``(column, slot)``, in summation order
+    slots: tuple[int, ...]  #: every term's slot: with no live term, zeros like the first array given
+
+
+def recipe(coefs: Sequence[Any], terms: Sequence[tuple[int, int]]) -> Recipe:
+    """The one rule of a substep's linear combination, for the coefficients ``coefs`` (a table row).
+
+    The terms are summed in the order given, left to right: ``((c0*x0 + c1*x1) + c2*x2)``, each ``acc + c*x`` one
+    multiply-add. A coefficient that is a Python number exactly 0 drops its term (its array may then be None);
+    a leading exactly 1 skips its multiply, the first multiply-add starting from that array as it is (a lone
+    ``1*x`` is still a multiply: the result is never an input). Both shortcuts are exact for finite values
+    (``x*1 == x``, ``acc + 0*x == acc``), so Python-float rows (the stateful scheduler) and 0-d array rows (the
+    functional API, whose values the host never reads) give the same bits, as long as a backend's
+    ``multiply_add`` rounds alike for both kinds of coefficient. A recipe depends only on which coefficients
+    are exactly 0 or 1, so rows with one pattern share it (:func:`table_recipes`).
+    """
+    live = tuple(term for term in terms if not exactly(coefs[term[0]], 0))
+    slots = tuple(slot for _, slot in terms)
+    if len(live) > 1 and exactly(coefs[live[0][0]], 1):
+        return Recipe(live[0][1], live[1:], slots)
+    return Recipe(None, live, slots)
+
+
+def substep_recipes(row: Sequence[Any]) -> tuple[Recipe, Recipe]:
+    """The recipes of ``prev_sample`` (:data:`PREV_TERMS`) and ``pred_original_sample`` (:data:`PRED_TERMS`)
+    for a row of coefficients in the table's column order (``schedule.COLUMNS``)."""
+    return recipe(row, PREV_TERMS), recipe(row, PRED_TERMS)
+
+
+def table_recipes(table: np.ndarray) -> list[tuple[Recipe, Recipe]]:
+    """:func:`substep_recipes` of every row of a host table, worked out once per pattern of exact 0s and 1s."""
+    codes = (((table == 0) + 2 * (table == 1)) @ 3 ** np.arange(table.shape[1])).tolist()  # one per pattern
+    distinct = {}
+    for i, code in enumerate(codes):
+        if code not in distinct:
+            distinct[code] = substep_recipes(table[i].tolist())
+    return [distinct[code] for code in codes]
+
+
+def update(
+    backend: Backend, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None
+) -> tuple[Array, Array]:
+    """One KDPM2 substep by ``backend``: ``(a*stored + b*sample + c*model_output + n*noise, p*sample +
+    q*model_output)``, each by :meth:`Backend.combine` (the functional API's step). ``stored`` may be None
+    when ``a`` is 0, ``noise`` when ``n`` is; ``out`` is an optional pair of buffers for the two results."""
+    named = {"a": a, "b": b, "c": c, "p": p, "q": q, "first": None, "n": n}
+    row = tuple(named[name] for name in COLUMNS)
+    arrays = (stored, sample, model_output, noise)
+    prev_out, pred_out = (None, None) if out is None else out
+    prev_recipe, pred_recipe = substep_recipes(row)
+    return backend.combine(prev_recipe, row, arrays, prev_out), backend.combine(pred_recipe, row, arrays, pred_out)
 
 
 def _into(out: Array | None, value: Array) -> Array:
@@ -199,55 +273,43 @@ class ArrayAPIBackend:
         return self.asarray(rng.standard_normal(shape), dtype=dtype, device=device), rng
 
     # -- the substep ------------------------------------------------------------------------------------------
-    def update(
-        self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None
-    ) -> tuple[Array, Array]:
-        """Both combinations of a substep (see :class:`Backend`), each by :meth:`lincomb`."""
-        # immutable arrays (JAX, Dask) cannot be written into: ``out`` then goes unused
-        prev_out, pred_out = (None, None) if out is None or not self.inplace else out
-        return (
-            self.lincomb(((a, stored), (b, sample), (c, model_output), (n, noise)), prev_out),
-            self.lincomb(((p, sample), (q, model_output)), pred_out),
-        )
+    def factors(self, values: np.ndarray, device: Any = None) -> Sequence[Any] | None:
+        return None  # Python floats: the Array API's scalar arithmetic
 
-    def lincomb(self, terms: Sequence[tuple[Any, Array | None]], out: Array | None = None) -> Array:
-        """``sum(coef * x for coef, x in terms)``: the one definition of a substep's linear combination.
+    def combine(self, recipe: Recipe, coefs: Sequence[Any], arrays: Sequence[Array | None], out=None) -> Array:
+        """The combination :func:`recipe` describes, by :meth:`multiply` and :meth:`multiply_add`.
 
-        The terms are summed in the order given, left to right: ``((c0*x0 + c1*x1) + c2*x2)``, each
-        ``acc + c*x`` one :meth:`multiply_add`. A coefficient that is a Python number exactly 0 drops its term
-        (``x`` may then be None); exactly 1 skips its multiply: a leading ``1*x0`` becomes the first
-        multiply-add's ``acc``, a later ``1*x`` is added as it is. Both shortcuts are exact for finite values
-        (``x*1 == x``, ``acc + 0*x == acc``), so Python-float rows (the stateful scheduler) and 0-d array rows
-        (the functional API, whose values the host never reads) give the same bits, as long as
-        :meth:`multiply_add` rounds alike for both kinds of coefficient.
-
-        The result is a new array, or ``out`` when given (later terms then accumulate in it); with mixed
-        dtypes it has the promoted dtype (a float16 sample with a float32 model output gives float32, as the
-        arithmetic itself would). Inputs are never modified and never returned.
+        The result is a new array, or ``out`` when given (later terms then accumulate in it); with mixed dtypes
+        it has the promoted dtype (a float16 sample with a float32 model output gives float32, as the arithmetic
+        itself would). Inputs are never modified and never returned.
         """
-        live = live_terms(terms)
-        if not live:  # every coefficient is 0: zeros of the first array's dtype
-            like = next(x for _, x in terms if x is not None)
+        lead, terms, slots = recipe
+        if not self.inplace:  # immutable arrays (JAX, Dask) cannot be written into
+            out = None
+        if not terms:  # every coefficient is exactly 0: zeros of the first array's dtype
+            like = next(arrays[slot] for slot in slots if arrays[slot] is not None)
             if out is None:
                 return self.xp.zeros_like(like)
             out[...] = 0
             return out
-        coef, x = live[0]
-        n = len(live)
-        done = 2 if n > 1 and exactly(coef, 1) else 1  # terms the first operation takes
-        if n > done and out is None and any(y.dtype != x.dtype for _, y in live):
+        column, slot = terms[0]
+        x = arrays[slot if lead is None else lead]
+        more = len(terms) > 1
+        if more and out is None:
             # later operations accumulate in place: start in the dtype the terms promote to, so that every
             # product rounds there (a float16 sample's values are exact in float32)
-            x = self.xp.astype(x, self.xp.result_type(*(y for _, y in live)))
-        if done == 2:  # a leading 1: the first multiply-add starts from x itself
-            acc = self.multiply_add(x, live[1][0], live[1][1], out=out)
+            live = [arrays[s] for _, s in terms] + [x]
+            if any(y.dtype != x.dtype for y in live):
+                x = self.xp.astype(x, self.xp.result_type(*live))
+        if lead is None:
+            acc = self.multiply(x, coefs[column], out=out)
         else:
-            acc = self.multiply(x, coef, out=out)
-        if n > done:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can; a 0-d
+            acc = self.multiply_add(x, coefs[column], arrays[slot], out=out)
+        if more:  # ``acc`` is ours now (or the caller's ``out``): accumulate in place where we can; a 0-d
             # result may be an immutable scalar (NumPy's arithmetic returns those), so it gets a new array
             writable = self.inplace and (out is not None or len(acc.shape) > 0)
-            for coef, y in live[done:]:
-                acc = self.multiply_add(acc, coef, y, out=acc if writable else None)
+            for column, slot in terms[1:]:
+                acc = self.multiply_add(acc, coefs[column], arrays[slot], out=acc if writable else None)
         return acc
 
     def multiply(self, x: Array, coef: Any, out: Array | None = None) -> Array:

@@ -42,7 +42,7 @@ import numpy as np
 
 from kdpm2core import config as _config
 from kdpm2core import noise as portable
-from kdpm2core.backend import check_array
+from kdpm2core.backend import check_array, update
 from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import (
     Schedule,
@@ -433,7 +433,7 @@ def step(
     extra = {} if out is None else {"out": out}
     if ancestral:
         extra.update(n=row[6], noise=noise)
-    prev, pred = plan.info.backend.update(a, b, c, p, q, state.stored, sample, model_output, **extra)
+    prev, pred = update(plan.info.backend, a, b, c, p, q, state.stored, sample, model_output, **extra)
     return (prev, pred), State(state.index + 1, sample)
 
 

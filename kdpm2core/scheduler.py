@@ -28,7 +28,7 @@ import numpy as np
 
 from kdpm2core import config as _config
 from kdpm2core import noise
-from kdpm2core.backend import check_array, exactly
+from kdpm2core.backend import check_array, exactly, substep_recipes, table_recipes
 from kdpm2core.errors import NonFiniteError
 from kdpm2core.plugins import get_backend
 from kdpm2core.schedule import (
@@ -226,6 +226,7 @@ class _KDPM2Scheduler:
         self._backend = get_backend(backend)
         # bound once: scale_model_input and step call them on every substep
         self._owns, self._compiling = self._backend.owns, self._backend.compiling
+        self._float32 = self._backend.dtype("float32")  # the dtype of the backend's factors (set_timesteps)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be True or False, got {type(check_finite).__name__}")
         self.check_finite = check_finite
@@ -441,11 +442,14 @@ class _KDPM2Scheduler:
         self.num_inference_steps = num_inference_steps if sigmas is None else (len(host.sigmas) - 2) // 2
         self._host = host
         self._rows = [tuple(row) for row in host.table.tolist()]
-        self._input_scale = input_scale(host.sigma_in, flow).tolist()
+        self._recipes = table_recipes(host.table)
+        scales = input_scale(host.sigma_in, flow)
+        self._input_scale = scales.tolist()
+        self._factors = backend.factors(scales, placed)  # the same scales as 0-d float32 arrays, or None
         # the same rows as one small float32 device array (float32: every device has it), read only while
         # torch.compile traces us: indexing it with the step index keeps one graph for every step
         self._device_rows = backend.asarray(
-            np.column_stack([host.table[:, _TRACED], self._input_scale]).astype(np.float32), device=placed
+            np.column_stack([host.table[:, _TRACED], scales]).astype(np.float32), device=placed
         )
         self._rescaled = bool(np.any((host.table[:, 0] != 0) & (host.table[:, 0] != 1)))
         self._host_timesteps = host.timesteps.astype(np.float32)
@@ -581,6 +585,8 @@ class _KDPM2Scheduler:
             k = self._current_row(timestep)
         if compiling:
             return sample * self._device_rows[k][_SCALE]
+        if self._factors is not None and sample.dtype == self._float32:
+            return sample * self._factors[k]
         return sample * self._input_scale[k]
 
     def _step(self, model_output, timestep, sample, generator, return_dict: bool):
@@ -603,23 +609,25 @@ class _KDPM2Scheduler:
             # substep kind from the state (rows alternate Euler, midpoint; ``a`` is 0 or 1).
             # ``a`` is 1 on midpoint rows but for DPM2 a on a flow schedule (its ``alpha_ratio``, see schedule.py)
             first = self._stored is None
-            row = self._device_rows[k]
-            a = 0.0 if first else (row[5] if self._rescaled else 1.0)
-            b, c, p, q = row[0], row[1], row[2], row[3]
-            n = 0.0 if first or not self._eta else row[4]  # only midpoint substeps add noise
+            device_row = self._device_rows[k]
+            a = 0.0 if first else (device_row[5] if self._rescaled else 1.0)
+            n = 0.0 if first or not self._eta else device_row[4]  # only midpoint substeps add noise
+            row = (a, device_row[0], device_row[1], device_row[2], device_row[3], None, n)  # COLUMNS' order
+            recipes = substep_recipes(row)
         else:
-            a, b, c, p, q, first, n = self._rows[k]
-            if a and self._stored is None:
+            row, recipes = self._rows[k], self._recipes[k]
+            first, n = row[5], row[6]
+            if row[0] and self._stored is None:
                 raise ValueError(
                     f"substep {k} is a midpoint substep but no Euler substep preceded it; start at an even begin_index"
                 )
         if self.check_finite:
             self._require_finite(k, model_output=model_output, sample=sample)
-        if exactly(n, 0):  # a Python zero: no noise term (a 0-d device coefficient always gets one)
-            prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output)
-        else:
-            noise = self._noise(model_output, generator, k)
-            prev, pred = self._backend.update(a, b, c, p, q, self._stored, sample, model_output, n=n, noise=noise)
+        # a Python zero: no noise term (a 0-d device coefficient always gets one)
+        noise = None if exactly(n, 0) else self._noise(model_output, generator, k)
+        arrays = (self._stored, sample, model_output, noise)
+        combine = self._backend.combine
+        prev, pred = combine(recipes[0], row, arrays), combine(recipes[1], row, arrays)
         if self.check_finite:
             self._require_finite(k, prev_sample=prev)
         self._stored = sample if first else None

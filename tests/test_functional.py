@@ -12,6 +12,7 @@ import pytest
 import kdpm2core
 from kdpm2core import functional as F
 from kdpm2core import noise
+from kdpm2core.backend import update
 from kdpm2core.testing.reference import sample_dpm2
 
 from conftest import BACKENDS, initial_noise, relative_error
@@ -415,7 +416,7 @@ def test_mixed_dtypes_follow_numpys_promotion(backend_name):
         with pytest.raises(TypeError, match="sample and model_output must be floating-point arrays.*int64"):
             scheduler.step(np.ones((2, 2), np.int64), scheduler.timesteps[0], np.ones((2, 2), np.int64))
         # a row whose coefficients are all zero (the protocol allows it) is zeros of the sample's dtype
-        zeros = backend.update(0.0, 0.0, 0.0, 0.0, 0.0, None, x32, x32.astype(np.float64))
+        zeros = update(backend, 0.0, 0.0, 0.0, 0.0, 0.0, None, x32, x32.astype(np.float64))
         assert all(z.dtype == np.float32 and not z.any() for z in zeros)
 
 

@@ -1,5 +1,5 @@
-"""The one linear combination of a substep (kdpm2core.backend.ArrayAPIBackend.lincomb) on every installed
-backend: its 0/1 shortcuts keep Python-float rows (the stateful scheduler) and 0-d array rows (the functional
+"""The linear combinations of a substep (kdpm2core.backend.recipe, applied by ArrayAPIBackend.combine) on every
+installed backend: its 0/1 shortcuts keep Python-float rows (the stateful scheduler) and 0-d array rows (the functional
 API) bit-identical, NumPy's chunked application of it gives the whole-array rule's bits, and no result is an
 input. Bit-identity is asserted only between two paths of ours that run the same operations in the same order."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kdpm2core
-from kdpm2core.backend import ArrayAPIBackend
+from kdpm2core.backend import ArrayAPIBackend, substep_recipes, table_recipes, update
 
 from conftest import initial_noise
 
@@ -43,6 +43,28 @@ def test_rows_cover_what_schedulers_produce():
     assert seen <= listed, seen - listed
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prediction_type": "epsilon"},
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        {"prediction_type": "sample", "timestep_spacing": "trailing"},
+        {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    ],
+)
+@pytest.mark.parametrize("ancestral", [False, True])
+def test_table_recipes_are_each_rows_recipes(options, ancestral):
+    """The scheduler works out a recipe once per pattern of exact 0s and 1s (table_recipes); each row's must be
+    the one the rule gives that row. The rows cover Euler, midpoint and last substeps, and DPM2 a's noise."""
+    cls = kdpm2core.KDPM2AncestralDiscreteScheduler if ancestral else kdpm2core.KDPM2DiscreteScheduler
+    scheduler = cls(**options)
+    scheduler.set_timesteps(9)
+    table = scheduler.schedule.table
+    recipes = table_recipes(table)
+    assert recipes == [substep_recipes(row) for row in table.tolist()]
+    assert len({recipe for recipe in recipes}) > 1  # more than one pattern: Euler and midpoint rows differ
+
+
 INSTALLED = [
     name for name in ("numpy", "torch", "jax", "array-api-strict", "dask") if name in kdpm2core.available_backends()
 ]
@@ -56,9 +78,9 @@ def test_float_and_array_coefficients_give_the_same_bits(name):
     host = [initial_noise((3, 5), seed) for seed in (1, 2, 3)]
     stored, sample, model_output = (backend.asarray(x) for x in host)
     for row in ROWS:
-        floats = backend.update(*row, stored, sample, model_output)
-        arrays = backend.update(
-            *(backend.asarray(v, dtype=backend.dtype("float32")) for v in row), stored, sample, model_output
+        floats = update(backend, *row, stored, sample, model_output)
+        arrays = update(
+            backend, *(backend.asarray(v, dtype=backend.dtype("float32")) for v in row), stored, sample, model_output
         )
         for name_, x, y in zip(("prev", "pred"), floats, arrays):
             assert np.array_equal(backend.to_numpy(x), backend.to_numpy(y)), (row, name_)
@@ -77,10 +99,10 @@ def test_numpy_chunks_give_the_whole_array_rule(n, dtype):
     generic = ArrayAPIBackend("generic-numpy", array_api_compat.numpy)
     stored, sample, model_output = (initial_noise((n,), seed).astype(dtype) for seed in (4, 5, 6))
     for row in ROWS:
-        expected = generic.update(*row, stored, sample, model_output)
-        fresh = numpy_backend.update(*row, stored, sample, model_output)
+        expected = update(generic, *row, stored, sample, model_output)
+        fresh = update(numpy_backend, *row, stored, sample, model_output)
         buffers = (np.empty_like(sample), np.empty_like(sample))
-        into = numpy_backend.update(*row, stored, sample, model_output, out=buffers)
+        into = update(numpy_backend, *row, stored, sample, model_output, out=buffers)
         assert into[0] is buffers[0] and into[1] is buffers[1]
         for k in range(2):
             assert fresh[k].dtype == dtype and np.array_equal(fresh[k], expected[k]), (row, k)
@@ -95,7 +117,7 @@ def test_generic_rule_on_numpy_arrays_of_any_rank(shape):
     generic = ArrayAPIBackend("generic-numpy", array_api_compat.numpy)
     stored, sample, model_output = (np.asarray(initial_noise(shape, seed), dtype=np.float32) for seed in (7, 8, 9))
     a, b, c, p, q = ROWS[4]  # three terms, no shortcut: two in-place accumulations
-    prev, pred = generic.update(a, b, c, p, q, stored, sample, model_output)
+    prev, pred = update(generic, a, b, c, p, q, stored, sample, model_output)
     assert np.array_equal(prev, (stored * a + sample * b) + model_output * c)
     assert np.array_equal(pred, sample * p + model_output * q)
     assert prev.shape == shape and pred.shape == shape

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import kdpm2core
+from kdpm2core.backend import update
 
 torch = pytest.importorskip("torch")
 from test_lincomb import ROWS
@@ -27,10 +28,10 @@ def test_float_and_tensor_coefficients_give_the_same_bits(dtype, n):
     eps = torch.finfo(dtype).eps
     for row in ROWS:
         a, b, c, p, q = row
-        floats = backend.update(a, b, c, p, q, stored, sample, model_output)
-        tensors = backend.update(*(torch.tensor(v, dtype=dtype) for v in row), stored, sample, model_output)
+        floats = update(backend, a, b, c, p, q, stored, sample, model_output)
+        tensors = update(backend, *(torch.tensor(v, dtype=dtype) for v in row), stored, sample, model_output)
         buffers = (torch.empty_like(sample), torch.empty_like(sample))
-        into = backend.update(*(torch.tensor(v, dtype=dtype) for v in row), stored, sample, model_output, out=buffers)
+        into = update(backend, *(torch.tensor(v, dtype=dtype) for v in row), stored, sample, model_output, out=buffers)
         assert into[0] is buffers[0] and into[1] is buffers[1]
         for name, terms, results in (
             ("prev", ((a, stored), (b, sample), (c, model_output)), (floats[0], tensors[0], into[0])),
@@ -46,6 +47,34 @@ def test_float_and_tensor_coefficients_give_the_same_bits(dtype, n):
                 bound = (len(terms) + 1) * eps / 2 * scale * 1.001  # 1.001: second-order products of roundings
                 assert torch.all((results[0].double() - exact).abs() <= bound), (row, name)
     assert all(torch.equal(x, y) for x, y in zip((stored, sample, model_output), originals)), "an input changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_scale_model_input_multiplies_as_the_python_float(dtype):
+    """A float32 sample is scaled by the backend's 0-d factors, others by the Python floats: either way the bits
+    and dtype of ``sample * float(scale)``, for the whole schedule, and on a 0-d sample too."""
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch", use_karras_sigmas=True)
+    scheduler.set_timesteps(12)
+    scales = 1 / (scheduler.schedule.sigma_in**2 + 1) ** 0.5
+    for shape in [(2, 4, 8, 8), ()]:
+        sample = torch.from_numpy(initial_noise(shape, 4)).to(dtype)
+        for k, t in enumerate(scheduler.timesteps):
+            scheduler._step_index = k
+            scaled = scheduler.scale_model_input(sample, t)
+            expected = sample * float(scales[k])
+            assert scaled.dtype == dtype and torch.equal(scaled, expected), (shape, k)
+
+
+def test_scales_made_under_inference_mode_serve_autograd():
+    """A schedule set under ``torch.inference_mode`` (its factors included) still scales a sample that needs
+    gradients: the gradient of the sum of the model input is the scale."""
+    scheduler = kdpm2core.KDPM2DiscreteScheduler(backend="torch")
+    with torch.inference_mode():
+        scheduler.set_timesteps(5)
+    sample = torch.ones(2, 3, requires_grad=True)
+    scheduler.scale_model_input(sample, scheduler.timesteps[0]).sum().backward()
+    scale = float(1 / (scheduler.schedule.sigma_in[0] ** 2 + 1) ** 0.5)
+    assert torch.equal(sample.grad, torch.full((2, 3), scale, dtype=torch.float32))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -1,6 +1,6 @@
 """NumPy adapter: ufuncs that write into their outputs, and the combination applied chunk by chunk.
 
-NumPy evaluates ``acc + c*x`` as two ufunc calls and a full-size temporary. So :meth:`NumpyBackend.lincomb`
+NumPy evaluates ``acc + c*x`` as two ufunc calls and a full-size temporary. So :meth:`NumpyBackend.combine`
 runs the core's rule on :data:`CHUNK`-element slices, writing each slice of the result in place: a step allocates
 its two outputs and one chunk of scratch at a time, and a chunk's operands are still in cache when the next term
 reads them. The rule, its term order and its roundings are the core's; only the slicing is NumPy's.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import array_api_compat.numpy
 import numpy as np
 
-from kdpm2core.backend import ArrayAPIBackend, exactly, live_terms
+from kdpm2core.backend import ArrayAPIBackend, exactly
 
 #: elements per slice of a combination: each term's scratch is one slice
 CHUNK = 1 << 15
@@ -30,35 +30,34 @@ class NumpyBackend(ArrayAPIBackend):
     def multiply_add(self, acc, coef, x, out=None):
         return np.add(acc, x if exactly(coef, 1) else np.multiply(x, coef), out=out)
 
-    def update(self, a, b, c, p, q, stored, sample, model_output, out=None, *, n=0.0, noise=None):
-        """As the core's, refusing ``out`` buffers that overlap an input: writing the first result would
-        change what the second reads."""
-        inputs = (stored, sample, model_output, noise)
-        if out is not None and any(np.may_share_memory(buffer, x) for buffer in out for x in inputs if x is not None):
-            raise ValueError(
-                "out buffers must not overlap sample, model_output, noise or the stored sample (state.stored)"
-            )
-        return super().update(a, b, c, p, q, stored, sample, model_output, out=out, n=n, noise=noise)
-
-    def lincomb(self, terms, out=None):
-        """The core's :meth:`~kdpm2core.backend.ArrayAPIBackend.lincomb`, one :data:`CHUNK` at a time.
+    def combine(self, recipe, coefs, arrays, out=None):
+        """The core's :meth:`~kdpm2core.backend.ArrayAPIBackend.combine`, one :data:`CHUNK` at a time.
 
         The result is a C-contiguous array of the first array's shape whatever the inputs' memory layout, in
         the dtype NumPy's promotion gives the live terms (a float32 sample with a float64 model output gives
-        float64); ``out`` must be C-contiguous.
+        float64). ``out`` must be C-contiguous and must not overlap an input: writing the result would change
+        what the rest of the substep reads.
         """
-        like = next(x for _, x in terms if x is not None)
-        live = live_terms(terms)
-        dtype = np.result_type(*(x for _, x in live)) if live else like.dtype
+        if out is not None and any(np.may_share_memory(out, x) for x in arrays if x is not None):
+            raise ValueError(
+                "out buffers must not overlap sample, model_output, noise or the stored sample (state.stored)"
+            )
+        lead, terms, slots = recipe
+        given = [slot for slot in slots if arrays[slot] is not None]
+        live = [arrays[slot] for _, slot in terms] + ([] if lead is None else [arrays[lead]])
+        dtype = np.result_type(*live) if live else arrays[given[0]].dtype
         if dtype.kind != "f":
             raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
         if out is None:
-            out = np.empty(like.shape, dtype=dtype)
+            out = np.empty(arrays[given[0]].shape, dtype=dtype)
         elif not out.flags.c_contiguous:
             raise ValueError("out buffers must be C-contiguous arrays")
         flat = out.reshape(-1)  # a view, since ``out`` is contiguous
-        flat_terms = [(coef, None if x is None else np.ascontiguousarray(x).reshape(-1)) for coef, x in terms]
+        flat_arrays = [None] * len(arrays)
+        for slot in given:
+            flat_arrays[slot] = np.ascontiguousarray(arrays[slot]).reshape(-1)
         for start in range(0, flat.size, CHUNK):
             part = slice(start, start + CHUNK)
-            super().lincomb([(coef, None if x is None else x[part]) for coef, x in flat_terms], out=flat[part])
+            chunk = [None if x is None else x[part] for x in flat_arrays]
+            super().combine(recipe, coefs, chunk, out=flat[part])
         return out

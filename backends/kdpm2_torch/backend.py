@@ -1,4 +1,5 @@
-"""PyTorch adapter: device parsing, torch's generator, and torch's fused multiply-add for the substep's terms."""
+"""PyTorch adapter: device parsing, torch's generator, ready 0-d factors, and torch's fused multiply-add for the
+substep's terms."""
 
 from __future__ import annotations
 
@@ -56,6 +57,14 @@ class TorchBackend(ArrayAPIBackend):
 
     def compiling(self, *arrays):
         return torch.compiler.is_compiling()
+
+    def factors(self, values, device=None):
+        """0-d float32 CPU tensors: torch makes a new 0-d tensor of a Python number on every operation, and a CPU
+        0-d tensor multiplies tensors of every device, its value passed to the kernel as the number's would be
+        (so ``x * factor`` rounds as ``x * float(value)`` does for float32 ``x``). Made outside inference mode,
+        so that a schedule set under ``torch.inference_mode`` still serves a later autograd pass."""
+        with torch.inference_mode(False):
+            return torch.as_tensor(values, dtype=torch.float32, device="cpu").unbind()
 
     def multiply(self, x, coef, out=None):
         return torch.mul(x, coef) if out is None else torch.mul(x, coef, out=out)

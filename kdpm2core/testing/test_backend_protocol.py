@@ -8,7 +8,7 @@ when to override them are listed in docs/plugins.md.
 import numpy as np
 import pytest
 
-from kdpm2core.backend import Backend
+from kdpm2core.backend import Backend, update
 from kdpm2core.testing.support import assert_close
 
 
@@ -134,12 +134,31 @@ def test_update_is_the_two_combinations(kdpm2_case, row):
     arrays = [kdpm2_case.array(v) for v in (stored, sample, model_output)]
     # exact inputs in the dtype under test, so the expected values carry only the combination's rounding
     stored, sample, model_output = (kdpm2_case.to_numpy(v) for v in arrays)
-    prev, pred = kdpm2_case.backend.update(a, b, c, p, q, arrays[0] if a else None, arrays[1], arrays[2])
+    prev, pred = update(kdpm2_case.backend, a, b, c, p, q, arrays[0] if a else None, arrays[1], arrays[2])
     what = f"update a={a} b={b} c={c} p={p} q={q}"
     assert_close(prev, a * stored + b * sample + c * model_output, kdpm2_case, what=what + " prev")
     assert_close(pred, p * sample + q * model_output, kdpm2_case, what=what + " pred")
     for name, array, values in zip(("stored", "sample", "model_output"), arrays, (stored, sample, model_output)):
         assert np.array_equal(kdpm2_case.to_numpy(array), values), f"{kdpm2_case.label}: update() modified {name}"
+
+
+def test_factors_multiply_as_python_floats(kdpm2_target):
+    """``factors()`` (the stateful scheduler's model-input scales, made once per schedule) is None, or one 0-d
+    array per value whose product with a float32 array on the device has the bits and dtype of the product with
+    the Python float: the scheduler multiplies float32 samples by whichever it has."""
+    backend = kdpm2_target.backend
+    values = 1 / np.sqrt(np.geomspace(0.03, 150.0, 9) ** 2 + 1)  # model-input scales, none exact in float32
+    x = kdpm2_target.asarray(np.random.default_rng(5).uniform(-3, 3, (3, 4)), "float32")
+    factors = backend.factors(values, backend.device_of(x))
+    if factors is None:
+        pytest.skip(f"{kdpm2_target.label}: factors() is None: the scheduler multiplies by Python floats")
+    assert len(factors) == len(values), f"{kdpm2_target.label}: factors() gave {len(factors)} for {len(values)} values"
+    for value, factor in zip(values, factors):
+        got, want = x * factor, x * float(value)
+        assert got.dtype == want.dtype and np.array_equal(kdpm2_target.to_numpy(got), kdpm2_target.to_numpy(want)), (
+            f"{kdpm2_target.label}: x * factor differs from x * {float(value)!r}; factors() must give float32 0-d "
+            "arrays of the values, or None"
+        )
 
 
 def test_loop(kdpm2_target):

@@ -1,7 +1,7 @@
 """A kdpm2 backend on ``dask.array``: every step builds graph, nothing is computed until you ask.
 
 ``step``, ``scale_model_input`` and ``add_noise`` are elementwise combinations of their inputs with Python-float
-coefficients (the core's :meth:`~kdpm2core.backend.ArrayAPIBackend.lincomb`, with dask's multiply and add), so
+coefficients (the core's :meth:`~kdpm2core.backend.ArrayAPIBackend.combine`, with dask's multiply and add), so
 on dask arrays they stay lazy and keep the input's chunking; a whole sampling loop becomes one graph, whose
 elementwise layers dask fuses per chunk, that a ``dask.distributed`` cluster evaluates chunk by chunk. Set
 ``scheduler.set_begin_index(0)`` (as diffusers' img2img pipelines do) to skip the one small compute that looking
