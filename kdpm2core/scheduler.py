@@ -262,17 +262,18 @@ class _KDPM2Scheduler:
 
     @property
     def compatibles(self) -> list:
-        """The scheduler classes that ``from_config(scheduler.config)`` can build: ours, and diffusers' that
-        share KDPM2's config (when diffusers is installed; they are looked up by name, as diffusers does)."""
+        """The scheduler classes that ``from_config(scheduler.config)`` can build: this class, then our other
+        public scheduler (DPM2 or DPM2 a), then diffusers' that share KDPM2's config (when diffusers is installed; they are looked up by name, as diffusers does)."""
         return self._get_compatibles()
 
     @classmethod
     def _get_compatibles(cls) -> list:
+        ours = [cls] + [other for other in _KDPM2Scheduler.__subclasses__() if other is not cls]
         try:
             diffusers = importlib.import_module("diffusers")
         except ImportError:  # an optional dependency: without it, ours alone
-            return [cls]
-        return [cls] + [getattr(diffusers, name) for name in cls._compatibles if hasattr(diffusers, name)]
+            return ours
+        return ours + [getattr(diffusers, name) for name in cls._compatibles if hasattr(diffusers, name)]
 
     @property
     def backend(self):

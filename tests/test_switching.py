@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import KDPM2DiscreteScheduler as Reference
 
-from kdpm2core import KDPM2DiscreteScheduler
+from kdpm2core import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from kdpm2core.checkpoint import load_checkpoint, save_checkpoint
 from kdpm2core.config import DEFAULTS
 
@@ -117,17 +117,25 @@ def test_saved_config_files_match_diffusers(tmp_path):
 
 
 # ---- compatibles ----------------------------------------------------------------------------------------------
-def test_compatibles_are_diffusers_list_and_ours():
-    ours = KDPM2DiscreteScheduler()
-    assert KDPM2DiscreteScheduler.has_compatibles is True
-    assert KDPM2DiscreteScheduler._compatibles == Reference._compatibles
-    assert set(ours.compatibles) == set(Reference().compatibles) | {KDPM2DiscreteScheduler}
-    assert ours.compatibles[0] is KDPM2DiscreteScheduler
+@pytest.mark.parametrize("cls", [KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler])
+def test_compatibles_are_diffusers_list_and_ours(cls):
+    """This class first, our other scheduler second, then diffusers' list; each builds from the config."""
+    other = KDPM2AncestralDiscreteScheduler if cls is KDPM2DiscreteScheduler else KDPM2DiscreteScheduler
+    ours = cls()
+    assert cls.has_compatibles is True
+    assert cls._compatibles == Reference._compatibles
+    assert ours.compatibles[:2] == [cls, other]
+    assert ours.compatibles[2:] == [getattr(diffusers, name) for name in Reference._compatibles]
+    assert set(ours.compatibles) == set(Reference().compatibles) | {cls, other}
+    for target in ours.compatibles:
+        assert type(target.from_config(ours.config)) is target
 
 
-def test_compatibles_without_diffusers_are_ours(monkeypatch):
+@pytest.mark.parametrize("cls", [KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler])
+def test_compatibles_without_diffusers_are_ours(monkeypatch, cls):
+    other = KDPM2AncestralDiscreteScheduler if cls is KDPM2DiscreteScheduler else KDPM2DiscreteScheduler
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # import diffusers now raises ImportError
-    assert KDPM2DiscreteScheduler().compatibles == [KDPM2DiscreteScheduler]
+    assert cls().compatibles == [cls, other]
 
 
 @pytest.mark.parametrize("name", Reference._compatibles)
