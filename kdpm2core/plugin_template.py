@@ -44,8 +44,9 @@ It runs on NumPy as generated. For another array library, set ``xp`` to the name
 ``array_api_compat.array_namespace(x)`` returns for its arrays, and override what the library does differently
 (see docs/plugins.md): ``device``/``devices`` (more than one CPU), ``device_of`` (arrays without ``.device``),
 ``to_numpy`` (``numpy.asarray`` does not make a host copy of them), ``rng``/``normal`` (its own generator),
-``update`` (a fused substep), ``loop`` (a compiled loop, with ``jit = True``); set ``float64 = False`` or
-``inplace = False`` where they do not hold. Then run ``kdpm2 conformance {name}``.
+``multiply``/``multiply_add`` (a fused multiply-add), ``factors`` (ready 0-d scale factors), ``loop`` (a
+compiled loop, with ``jit = True``); set ``float64 = False`` or ``inplace = False`` where they do not hold.
+Then run ``kdpm2 conformance {name}``.
 """
 
 from __future__ import annotations
