@@ -427,6 +427,12 @@ def step(
             else "noise= is for ancestral plans only (make_plan(..., eta=1.0))"
         )
     extra = {} if out is None else {"out[0]": out[0], "out[1]": out[1]}
+    if out is not None:  # the backends that can see overlapping views (NumPy) refuse those too
+        inputs = {"sample": sample, "model_output": model_output, "state.stored": state.stored, "noise": noise}
+        for k, buffer in enumerate(out):
+            taken = [name for name, x in {**inputs, "out[0]": out[0] if k else None}.items() if x is buffer]
+            if taken:
+                raise ValueError(f"out[{k}] is {taken[0]}: out buffers must not overlap the inputs or each other")
     _check_like(plan, sample, model_output=model_output, **extra, **({"noise": noise} if ancestral else {}))
     row = _row(plan, state, plan.table)
     a, b, c, p, q = (row[j] for j in range(5))

@@ -362,6 +362,28 @@ def test_step_checks_its_arrays_against_the_sample():
             F.step(plan, state, np.zeros_like(x), y, out=out)
 
 
+@pytest.mark.parametrize("name", [name for name in ("numpy", "torch") if name in kdpm2core.available_backends()])
+def test_out_buffers_that_are_inputs_or_each_other_are_refused(name):
+    """On every backend (not only NumPy, which also sees overlapping views): an out buffer that is the sample,
+    the model output or the stored sample would be overwritten before the other result reads it, and one buffer
+    for both results would hold pred_original_sample twice. Refused by name, and nothing is written."""
+    backend = kdpm2core.get_backend(name)
+    plan = F.make_plan(num_inference_steps=5, backend=name)
+    x = backend.asarray(np.ones((4, 8), np.float32))
+    (y, _), state = F.step(plan, F.init(plan, x), x * 0.5, x)  # state.stored is now x
+    model_output, free = x * 0.25, backend.asarray(np.full((4, 8), 7.0, np.float32))
+    for out, what in (
+        ((y, free), r"out\[0\] is sample"),
+        ((free, model_output), r"out\[1\] is model_output"),
+        ((x, free), r"out\[0\] is state.stored"),
+        ((free, free), r"out\[1\] is out\[0\]"),
+    ):
+        with pytest.raises(ValueError, match=what + ": out buffers must not overlap"):
+            F.step(plan, state, model_output, y, out=out)
+        assert np.all(backend.to_numpy(free) == 7.0)
+    assert np.all(backend.to_numpy(y) == backend.to_numpy(F.step(plan, F.init(plan, x), x * 0.5, x)[0][0]))
+
+
 @pytest.mark.parametrize("layout", ["fortran", "transposed", "strided"])
 def test_numpy_samples_of_any_memory_layout(layout):
     """An NHWC view transposed to NCHW, a Fortran-ordered or a strided sample: the same numbers as its
