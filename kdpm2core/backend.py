@@ -296,9 +296,10 @@ class ArrayAPIBackend:
         x = arrays[slot if lead is None else lead]
         more = len(terms) > 1
         if more and out is None:
-            # later operations accumulate in place: start in the dtype the terms promote to, so that every
-            # product rounds there (a float16 sample's values are exact in float32)
-            live = [arrays[s] for _, s in terms] + [x]
+            # later operations accumulate in place: start in the dtype the terms promote to, so that the sums
+            # round there (a product keeps its library's dtype: a float16 array times a Python float is float16
+            # in NumPy and JAX, while torch's add(alpha=) multiplies in float32)
+            live = [x] + [arrays[s] for _, s in terms]  # in term order: a library may fold result_type pairwise
             if any(y.dtype != x.dtype for y in live):
                 x = self.xp.astype(x, self.xp.result_type(*live))
         if lead is None:

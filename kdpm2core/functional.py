@@ -414,7 +414,8 @@ def step(
         model_output: The model's prediction for ``sample`` (of the plan's prediction type).
         sample: The current sample; never modified.
         out: Optional pair of buffers for the two results (backends with in-place arrays write into them,
-            so the step allocates nothing); must not alias ``sample``, ``model_output`` or ``state.stored``.
+            so the step allocates nothing); must not alias ``sample``, ``model_output``, ``state.stored``, ``noise``
+            or each other.
         noise: Standard normal noise like ``sample``, on every substep of an ancestral plan (``eta > 0``; the
             table's ``n`` scales it: 0 except on midpoint substeps); None otherwise.
     """
@@ -427,13 +428,13 @@ def step(
             else "noise= is for ancestral plans only (make_plan(..., eta=1.0))"
         )
     extra = {} if out is None else {"out[0]": out[0], "out[1]": out[1]}
-    if out is not None:  # the backends that can see overlapping views (NumPy) refuse those too
+    _check_like(plan, sample, model_output=model_output, **extra, **({"noise": noise} if ancestral else {}))
+    if out is not None:  # the same array objects here; the NumPy backend also refuses views that overlap an input
         inputs = {"sample": sample, "model_output": model_output, "state.stored": state.stored, "noise": noise}
         for k, buffer in enumerate(out):
             taken = [name for name, x in {**inputs, "out[0]": out[0] if k else None}.items() if x is buffer]
             if taken:
                 raise ValueError(f"out[{k}] is {taken[0]}: out buffers must not overlap the inputs or each other")
-    _check_like(plan, sample, model_output=model_output, **extra, **({"noise": noise} if ancestral else {}))
     row = _row(plan, state, plan.table)
     a, b, c, p, q = (row[j] for j in range(5))
     extra = {} if out is None else {"out": out}

@@ -364,9 +364,10 @@ def test_step_checks_its_arrays_against_the_sample():
 
 @pytest.mark.parametrize("name", [name for name in ("numpy", "torch") if name in kdpm2core.available_backends()])
 def test_out_buffers_that_are_inputs_or_each_other_are_refused(name):
-    """On every backend (not only NumPy, which also sees overlapping views): an out buffer that is the sample,
-    the model output or the stored sample would be overwritten before the other result reads it, and one buffer
-    for both results would hold pred_original_sample twice. Refused by name, and nothing is written."""
+    """On every backend (not only NumPy, which also refuses views that overlap an input): an out buffer that is
+    the sample, the model output or the stored sample would be overwritten before the other result reads it, and
+    one buffer for both results would hold pred_original_sample twice. Refused by name before anything is
+    written; and an absent buffer is a type error, not a match with the absent noise."""
     backend = kdpm2core.get_backend(name)
     plan = F.make_plan(num_inference_steps=5, backend=name)
     x = backend.asarray(np.ones((4, 8), np.float32))
@@ -381,6 +382,8 @@ def test_out_buffers_that_are_inputs_or_each_other_are_refused(name):
         with pytest.raises(ValueError, match=what + ": out buffers must not overlap"):
             F.step(plan, state, model_output, y, out=out)
         assert np.all(backend.to_numpy(free) == 7.0)
+    with pytest.raises(TypeError, match="out\\[0\\] must be an array of backend"):
+        F.step(plan, state, model_output, y, out=(None, None))
     assert np.all(backend.to_numpy(y) == backend.to_numpy(F.step(plan, F.init(plan, x), x * 0.5, x)[0][0]))
 
 

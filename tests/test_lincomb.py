@@ -89,6 +89,33 @@ def test_float_and_array_coefficients_give_the_same_bits(name):
         assert np.array_equal(backend.to_numpy(x), values), "update() modified an input"
 
 
+@pytest.mark.parametrize("shape", [(), (3,)])
+@pytest.mark.parametrize("name", INSTALLED)
+def test_mixed_dtypes_promote_over_all_live_terms(name, shape):
+    """DPM2 a's midpoint row with a float32 sample and stored sample but a float16 model output and noise: prev
+    is float32 whatever the order the library folds the dtypes in (torch's 0-d promotion is not associative),
+    and close to the float64 value. The float16 values are exact in float32. A product of a float16 term rounds
+    in its library's dtype: in NumPy and JAX a float16 array times a Python float is float16, the coefficient
+    and the product each rounding at 2**-11 (torch multiplies in float32). Each of the two sums rounds in
+    float32 (2**-24 of the running sum), and a coefficient in float32 arithmetic rounds at 2**-24 of its term."""
+    backend = kdpm2core.get_backend(name)
+    if "float16" not in dir(backend.xp):
+        pytest.skip(f"backend {name!r} has no float16")
+    f32, f16 = backend.dtype("float32"), backend.dtype("float16")
+    host = [np.asarray(initial_noise(shape, seed), dtype=np.float32) for seed in (1, 2, 3, 4)]
+    host[2:] = [x.astype(np.float16) for x in host[2:]]
+    stored, sample, model_output, noise = (backend.asarray(x, dtype=d) for x, d in zip(host, (f32, f32, f16, f16)))
+    a, b, c, p, q, n = 1.0, 0.0, -0.3, 1.0, -0.7, 0.2
+    prev, pred = update(backend, a, b, c, p, q, stored, sample, model_output, n=n, noise=noise)
+    assert prev.dtype == f32 and pred.dtype == f32, (prev.dtype, pred.dtype)
+    stored64, output64, noise64 = (host[k].astype(np.float64) for k in (0, 2, 3))
+    exact = stored64 + c * output64 + n * noise64
+    scale = np.abs(stored64) + abs(c) * np.abs(output64) + n * np.abs(noise64)
+    products = abs(c) * np.abs(output64) + n * np.abs(noise64)
+    bound = 3 * 2.0**-24 * scale + 2 * 2.0**-11 * products
+    assert np.all(np.abs(backend.to_numpy(prev) - exact) <= bound * 1.001)
+
+
 @pytest.mark.parametrize("n", [7, 32_768, 100_003])  # one chunk, exactly one, several with a tail
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numpy_chunks_give_the_whole_array_rule(n, dtype):
