@@ -263,7 +263,8 @@ class _KDPM2Scheduler:
     @property
     def compatibles(self) -> list:
         """The scheduler classes that ``from_config(scheduler.config)`` can build: this class, then our other
-        public scheduler (DPM2 or DPM2 a), then diffusers' that share KDPM2's config (when diffusers is installed; they are looked up by name, as diffusers does)."""
+        public scheduler (DPM2 or DPM2 a), then diffusers' that share KDPM2's config (when diffusers is
+        installed; they are looked up by name, as diffusers does)."""
         return self._get_compatibles()
 
     @classmethod
