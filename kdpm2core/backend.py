@@ -24,6 +24,7 @@ __all__ = [
     "exactly",
     "Recipe",
     "recipe",
+    "live_arrays",
     "substep_recipes",
     "table_recipes",
     "update",
@@ -154,6 +155,11 @@ def recipe(coefs: Sequence[Any], terms: Sequence[tuple[int, int]]) -> Recipe:
     if len(live) > 1 and exactly(coefs[live[0][0]], 1):
         return Recipe(live[0][1], live[1:], slots)
     return Recipe(None, live, slots)
+
+
+def live_arrays(recipe: Recipe, arrays: Sequence[Array | None]) -> list[Array]:
+    """The arrays ``recipe`` reads from ``arrays``, in term order (the order their dtypes are promoted in)."""
+    return ([] if recipe.lead is None else [arrays[recipe.lead]]) + [arrays[slot] for _, slot in recipe.terms]
 
 
 def substep_recipes(row: Sequence[Any]) -> tuple[Recipe, Recipe]:
@@ -299,7 +305,7 @@ class ArrayAPIBackend:
             # later operations accumulate in place: start in the dtype the terms promote to, so that the sums
             # round there (a product keeps its library's dtype: a float16 array times a Python float is float16
             # in NumPy and JAX, while torch's add(alpha=) multiplies in float32)
-            live = [x] + [arrays[s] for _, s in terms]  # in term order: a library may fold result_type pairwise
+            live = live_arrays(recipe, arrays)  # in term order: a library may fold result_type pairwise
             if any(y.dtype != x.dtype for y in live):
                 x = self.xp.astype(x, self.xp.result_type(*live))
         if lead is None:

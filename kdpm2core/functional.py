@@ -430,11 +430,11 @@ def step(
     extra = {} if out is None else {"out[0]": out[0], "out[1]": out[1]}
     _check_like(plan, sample, model_output=model_output, **extra, **({"noise": noise} if ancestral else {}))
     if out is not None:  # the same array objects here; the NumPy backend also refuses views that overlap an input
-        inputs = {"sample": sample, "model_output": model_output, "state.stored": state.stored, "noise": noise}
+        named = {"sample": sample, "model_output": model_output, "state.stored": state.stored, "noise": noise}
         for k, buffer in enumerate(out):
-            taken = [name for name, x in {**inputs, "out[0]": out[0] if k else None}.items() if x is buffer]
-            if taken:
-                raise ValueError(f"out[{k}] is {taken[0]}: out buffers must not overlap the inputs or each other")
+            for name, x in {**named, "out[0]": out[0]}.items():
+                if x is buffer and name != f"out[{k}]":
+                    raise ValueError(f"out[{k}] is {name}: out buffers must not overlap the inputs or each other")
     row = _row(plan, state, plan.table)
     a, b, c, p, q = (row[j] for j in range(5))
     extra = {} if out is None else {"out": out}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import array_api_compat.numpy
 import numpy as np
 
-from kdpm2core.backend import ArrayAPIBackend, exactly
+from kdpm2core.backend import ArrayAPIBackend, exactly, live_arrays
 
 #: elements per slice of a combination: each term's scratch is one slice
 CHUNK = 1 << 15
@@ -42,9 +42,8 @@ class NumpyBackend(ArrayAPIBackend):
             raise ValueError(
                 "out buffers must not overlap sample, model_output, noise or the stored sample (state.stored)"
             )
-        lead, terms, slots = recipe
-        given = [slot for slot in slots if arrays[slot] is not None]
-        live = [arrays[slot] for _, slot in terms] + ([] if lead is None else [arrays[lead]])
+        given = [slot for slot in recipe.slots if arrays[slot] is not None]
+        live = live_arrays(recipe, arrays)
         dtype = np.result_type(*live) if live else arrays[given[0]].dtype
         if dtype.kind != "f":
             raise TypeError(f"sample and model_output must be floating-point arrays; their combination is {dtype}")
